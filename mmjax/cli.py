@@ -1,0 +1,71 @@
+"""Command line shared by every experiment: `python -m experiments.NAME --workdir DIR --config.a.b=value ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+from mmjax import config as config_lib
+
+
+def _split_overrides(rest: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Collects `--config.key=value` and `--config.key value` arguments as `key=value` strings."""
+    overrides, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--config."):
+            parser.error(f"unrecognised argument {arg!r} (config values are set with --config.KEY=VALUE)")
+        body = arg[len("--config."):]
+        if "=" not in body:
+            if i + 1 >= len(rest):
+                parser.error(f"{arg} needs a value")
+            body, i = f"{body}={rest[i + 1]}", i + 1
+        overrides.append(body)
+        i += 1
+    return overrides
+
+
+def parse(
+    get_config: Callable[[], ml_collections.ConfigDict], argv: Sequence[str] | None = None, description: str = ""
+) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
+    """Parses the common flags and config overrides; exits with status 2 and a clear message on bad input."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="where checkpoints, metrics and results go (resumes)")
+    parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    group = parser.add_argument_group("multi-process (one process per host; or MMJAX_* environment variables)")
+    group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
+    group.add_argument("--num_processes", type=int)
+    group.add_argument("--process_id", type=int)
+    args, rest = parser.parse_known_args(argv)
+    try:
+        config = config_lib.apply_overrides(get_config(), _split_overrides(rest, parser))
+    except config_lib.ConfigError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    return config, args
+
+
+def main(
+    get_config: Callable[[], ml_collections.ConfigDict],
+    run: Callable[[ml_collections.ConfigDict, str], Any],
+    argv: Sequence[str] | None = None,
+    description: str = "",
+) -> Any:
+    """Parses the command line, starts multi-process JAX if asked, and calls `run(config, workdir)`.
+
+    Exits with `PREEMPTED_EXIT_CODE` when the run stopped on a signal after saving a checkpoint.
+    """
+    config, args = parse(get_config, argv, description)
+    if args.print_config:
+        print(config_lib.to_json(config))
+        return None
+    from mmjax.train import parallel
+    from mmjax.train.loop import PREEMPTED_EXIT_CODE
+
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    result = run(config, args.workdir)
+    if isinstance(result, dict) and result.get("preempted"):
+        sys.exit(PREEMPTED_EXIT_CODE)
+    return result

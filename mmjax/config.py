@@ -1,0 +1,156 @@
+"""Configs are `ml_collections.ConfigDict`s from an experiment's `get_config()`; this module overrides, checks and saves them.
+
+`--config.a.b=value` overrides any existing key. The value is parsed to the type the key already has, so an
+unknown key or a value of the wrong type fails at once with a message that names the key and the valid ones.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import os
+from typing import Any, Iterable
+
+import ml_collections
+
+CONFIG_FILENAME = "config.json"
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names it."""
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """All leaf keys of a config as dotted paths, sorted."""
+    keys = []
+    for name, value in config.items():
+        path = f"{prefix}{name}"
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(flat_keys(value, path + "."))
+        else:
+            keys.append(path)
+    return sorted(keys)
+
+
+def _unknown_key(key: str, config: ml_collections.ConfigDict) -> ConfigError:
+    valid = flat_keys(config)
+    close = difflib.get_close_matches(key, valid, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}.{hint}\nValid keys:\n  " + "\n  ".join(valid))
+
+
+def _parse_bool(key: str, text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"config key {key!r} expects a bool (true/false), got {text!r}")
+
+
+def _literal_or_text(text: str) -> Any:
+    try:
+        return ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        return text.strip()
+
+
+def parse_value(key: str, text: str, current: Any) -> Any:
+    """Parses `text` into the type of `current`, the value the key has now."""
+    if isinstance(current, bool):
+        return _parse_bool(key, text)
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:  # An unset optional value: take the text as a string.
+            return text
+        if isinstance(current, (tuple, list)):  # `a,b,c`: a sequence of bare words.
+            return type(current)(_literal_or_text(part) for part in text.split(",") if part.strip())
+        raise ConfigError(
+            f"config key {key!r} expects {type(current).__name__}, got {text!r} (not a Python literal)"
+        ) from None
+    if current is None:
+        return value
+    if isinstance(current, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r} expects int, got {text!r}")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r} expects float, got {text!r}")
+        return float(value)
+    if isinstance(current, (tuple, list)):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = (value,)
+        if not isinstance(value, (tuple, list)):
+            raise ConfigError(f"config key {key!r} expects a sequence, got {text!r}")
+        return type(current)(value)
+    if isinstance(value, type(current)):
+        return value
+    raise ConfigError(f"config key {key!r} expects {type(current).__name__}, got {text!r}")
+
+
+def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Sets the dotted `key` of `config` from its command-line text `text`, in place."""
+    *parents, leaf = key.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        child = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(child, ml_collections.ConfigDict):
+            raise _unknown_key(key, config)
+        node = child
+    if leaf not in node:
+        raise _unknown_key(key, config)
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ConfigError(
+            f"config key {key!r} is a group, not a value; set one of: "
+            + ", ".join(f"{key}.{k}" for k in flat_keys(current))
+        )
+    value = parse_value(key, text, current)
+    try:
+        node[leaf] = value
+    except TypeError as e:  # ml_collections' own type check, as a backstop.
+        raise ConfigError(f"config key {key!r}: {e}") from None
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
+    """Applies `a.b=value` strings to a copy of `config` and returns it."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"config override {item!r} must look like key=value")
+        key, text = item.split("=", 1)
+        override(config, key.strip(), text)
+    return config
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def save(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Writes the resolved config as JSON into `workdir`; returns the path."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, CONFIG_FILENAME)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(to_json(config) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load(path: str) -> ml_collections.ConfigDict:
+    """Reads a config saved by `save` (a JSON file or the workdir holding it)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, CONFIG_FILENAME)
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def normalize(value: Any) -> Any:
+    """JSON round-trip, so configs compare equal whether fresh or loaded (tuples become lists)."""
+    return json.loads(json.dumps(value, default=str))

@@ -1,0 +1,30 @@
+"""Types shared by encoders, fusion modules and heads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+@flax.struct.dataclass
+class EncoderOutput:
+    """What every encoder returns: token features `[B, T, D]` and a pooled summary `[B, D]`."""
+
+    tokens: jax.Array
+    pooled: jax.Array
+
+
+def check_rank(name: str, x: jax.Array, rank: int, layout: str) -> None:
+    """Raises (at trace time, before compilation) when `x` does not have the expected rank."""
+    if x.ndim != rank:
+        raise ValueError(f"{name} expects input of shape {layout} (rank {rank}), got shape {tuple(x.shape)}")
+
+
+def to_dtype(x: jax.Array, dtype: Dtype | None) -> jax.Array:
+    """Casts integer inputs (e.g. uint8 pixels) and others to the compute dtype (default float32)."""
+    return jnp.asarray(x, dtype or jnp.float32)

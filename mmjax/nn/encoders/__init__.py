@@ -1,0 +1,1 @@
+"""Encoders: one module per modality family; each returns token features [B, T, D] and a pooled [B, D]."""

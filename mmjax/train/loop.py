@@ -1,0 +1,296 @@
+"""`run(config, workdir)`: train, evaluate and checkpoint one model; re-running on the same workdir resumes.
+
+Outputs in `workdir`: config.json, model_inputs.json, metrics.jsonl, tensorboard/, checkpoints/, results.json,
+curves.png.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import signal
+import threading
+import time
+import warnings
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+
+from mmjax import config as config_lib
+from mmjax import logging as log_lib
+from mmjax.data import pipeline
+from mmjax.data.datasets import Dataset, get_dataset
+from mmjax.metrics import classification_metrics
+from mmjax.nn.model import build_model
+from mmjax.train import parallel
+from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.optimizer import build_optimizer
+from mmjax.train.step import eval_step, init_state, train_step
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; re-run the command to resume.
+INPUTS_FILENAME = "model_inputs.json"
+RESULTS_FILENAME = "results.json"
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks values that would otherwise fail late or silently (before any data is read or code compiled)."""
+    for key in ("train.num_steps", "data.batch_size", "data.eval_batch_size", "train.log_every_steps",
+                "train.eval_every_steps", "checkpoint.every_steps"):
+        section, name = key.split(".")
+        value = config[section][name]
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"config {key}={value!r} must be a positive integer")
+    parallel.check_batch_size(config.data.batch_size, "data.batch_size")
+    parallel.check_batch_size(config.data.eval_batch_size, "data.eval_batch_size")
+    if config.optimizer.lr <= 0:
+        raise ValueError(f"config optimizer.lr={config.optimizer.lr} must be > 0")
+
+
+def _check_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> None:
+    unknown = sorted(set(config.model.encoders) - set(dataset.modalities))
+    if unknown:
+        raise ValueError(
+            f"config model.encoders names modality {unknown} but dataset {dataset.name!r} provides "
+            f"{list(dataset.modalities)}"
+        )
+    if config.model.num_classes != dataset.num_classes:
+        raise ValueError(
+            f"config model.num_classes={config.model.num_classes} but dataset {dataset.name!r} has "
+            f"{dataset.num_classes} classes"
+        )
+    for key in (config.data.train_split, *config.eval.splits):
+        if key not in dataset.splits:
+            raise ValueError(f"split {key!r} is not in dataset {dataset.name!r}; splits: {sorted(dataset.splits)}")
+        if dataset.splits[key] == 0:
+            raise ValueError(f"split {key!r} of dataset {dataset.name!r} is empty")
+
+
+def _check_workdir(workdir: str, config: ml_collections.ConfigDict, spec: dict) -> None:
+    """Refuses to resume a workdir whose checkpoints belong to a different model; warns on other changes."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
+        return
+    saved_path = os.path.join(workdir, config_lib.CONFIG_FILENAME)
+    if not os.path.exists(saved_path):
+        raise ValueError(f"workdir {workdir} holds checkpoints but no {config_lib.CONFIG_FILENAME}; use a new --workdir")
+    saved = config_lib.load(saved_path)
+    before, now = config_lib.normalize(saved.to_dict()), config_lib.normalize(config.to_dict())
+    inputs_path = os.path.join(workdir, INPUTS_FILENAME)
+    saved_spec = json.load(open(inputs_path)) if os.path.exists(inputs_path) else None
+    if before.get("model") != now.get("model") or (saved_spec is not None and saved_spec != config_lib.normalize(spec)):
+        diffs = [f"model.{k}: saved {before['model'].get(k)!r}, now {now['model'].get(k)!r}"
+                 for k in sorted(set(before.get("model", {})) | set(now["model"]))
+                 if before.get("model", {}).get(k) != now["model"].get(k)]
+        if saved_spec is not None and saved_spec != config_lib.normalize(spec):
+            diffs.append(f"model inputs: saved {saved_spec}, now {config_lib.normalize(spec)}")
+        raise ValueError(
+            f"workdir {workdir} holds checkpoints of a different model; nothing was changed there. "
+            "Differences:\n  " + "\n  ".join(diffs) + "\nUse a new --workdir to train this model."
+        )
+    changed = [k for k in sorted(set(before) | set(now)) if k != "model" and before.get(k) != now.get(k)]
+    if changed:
+        warnings.warn(f"resuming {workdir} with changed config section(s) {changed}", RuntimeWarning, stacklevel=2)
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["_StopRequest"]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(signum, frame):
+            self.signal = signum
+            log_lib.console(f"received {signal.Signals(signum).name}: finishing this step and saving a checkpoint")
+
+        for s in previous:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def requested(self) -> bool:
+        """True when any process was signalled (all processes agree, so they stop at the same step)."""
+        flag = self.signal is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+        return flag
+
+
+def _evaluate(eval_fn, params, dataset: Dataset, split: str, config, sharding) -> dict:
+    """Exact metrics over a whole split: every example once, padding removed."""
+    from jax.experimental import multihost_utils
+
+    outputs: dict[str, list[np.ndarray]] = {}
+    for batch in pipeline.eval_batches(dataset, split, global_batch_size=config.data.eval_batch_size):
+        result = eval_fn(params, pipeline.to_global(batch, sharding))
+        for key, value in multihost_utils.process_allgather(result, tiled=True).items():
+            outputs.setdefault(key, []).append(np.asarray(value))
+    merged = {k: np.concatenate(v) for k, v in outputs.items()}
+    valid = merged["valid"].astype(bool)
+    metrics = classification_metrics(
+        merged["label"][valid], merged["prediction"][valid], dataset.num_classes, dataset.class_names
+    )
+    metrics["loss"] = float(merged["loss"][valid].mean())
+    return metrics
+
+
+def _scalars(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num_examples"}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns the results dict.
+
+    If SIGTERM/SIGINT arrives, the current step finishes, a checkpoint is written and the returned dict has
+    `preempted: True`; running again resumes exactly where it stopped.
+    """
+    validate(config)
+    workdir = os.path.abspath(workdir)
+    mesh = parallel.make_mesh()
+    batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+
+    dataset = get_dataset(config.data)
+    _check_dataset(config, dataset)
+    model = build_model(config.model)
+    keys = sorted(config.model.encoders) + ["label"]
+    full_spec = pipeline.input_spec(dataset, config.data.train_split)
+    spec = {k: full_spec[k] for k in keys}
+    _check_workdir(workdir, config, spec)
+    if log_lib.is_primary():
+        config_lib.save(config, workdir)
+        with open(os.path.join(workdir, INPUTS_FILENAME), "w") as f:
+            json.dump(spec, f, indent=2)
+
+    num_steps = config.train.num_steps
+    tx = build_optimizer(config.optimizer, num_steps)
+    example = {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in spec.items()}
+    init_fn = functools.partial(init_state, model, tx, example)
+    rng = jax.random.PRNGKey(config.seed)
+    abstract = jax.eval_shape(init_fn, rng)
+    state_sharding = jax.tree_util.tree_map(lambda _: replicated, abstract)
+    abstract = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding
+    )
+
+    train_iter = iter(
+        pipeline.train_dataset(
+            dataset,
+            config.data.train_split,
+            global_batch_size=config.data.batch_size,
+            seed=config.seed,
+            num_threads=config.data.num_threads,
+            num_workers=config.data.num_workers,
+        )
+    )
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.checkpoint.keep,
+        best_metric=config.checkpoint.best_metric or None,
+        best_mode=config.checkpoint.best_mode,
+    )
+    writer = log_lib.MetricWriter(workdir)
+    restored = checkpointer.restore_latest(abstract, train_iter)
+    if restored is None:
+        state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+        start_step = 0
+        writer.truncate_after(0)
+    else:
+        start_step, state = restored
+        writer.truncate_after(start_step)
+        log_lib.console(f"resumed from step {start_step} in {workdir}")
+
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
+    log_lib.console(
+        f"{config.get('name', 'run')}: {num_params:,} parameters | {jax.device_count()} device(s) on "
+        f"{jax.process_count()} process(es) | batch {config.data.batch_size} | {num_steps} steps | {workdir}"
+    )
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx),
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, replicated),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, model=model),
+        in_shardings=(state_sharding.params, batch_sharding),
+        out_shardings=batch_sharding,
+    )
+
+    def evaluate_all(step: int) -> dict[str, dict]:
+        results = {}
+        for split in config.eval.splits:
+            results[split] = _evaluate(eval_fn, state.params, dataset, split, config, batch_sharding)
+            writer.write(step, split, _scalars(results[split]))
+            shown = " | ".join(f"{k} {v:.4f}" for k, v in _scalars(results[split]).items())
+            log_lib.console(f"eval {split} @ step {step}: {shown}")
+        return results
+
+    def flat(results: dict[str, dict]) -> dict[str, float]:
+        return {f"{split}/{k}": v for split, m in results.items() for k, v in _scalars(m).items()}
+
+    progress = log_lib.Progress(num_steps, config.data.batch_size, start_step)
+    stop = _StopRequest()
+    pending: list[dict[str, jax.Array]] = []
+    last_eval: tuple[int, dict] | None = None
+    step = start_step
+    train_start = time.perf_counter()
+    with stop.installed():
+        while step < num_steps:
+            host_batch = next(train_iter)
+            pipeline.check_batch(host_batch, spec, pipeline.local_batch_size(config.data.batch_size))
+            state, metrics = step_fn(state, pipeline.to_global({k: host_batch[k] for k in keys}, batch_sharding))
+            step += 1
+            pending.append(metrics)
+            if step % config.train.log_every_steps == 0 or step == num_steps:
+                averaged = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+                pending.clear()
+                averaged["examples_per_s"] = progress.report(step, averaged)
+                writer.write(step, "train", averaged)
+            evaluated = step % config.train.eval_every_steps == 0 or step == num_steps
+            if evaluated:
+                last_eval = (step, evaluate_all(step))
+            stopping = stop.requested()
+            if stopping or step % config.checkpoint.every_steps == 0 or step == num_steps or evaluated:
+                metrics_for_best = flat(last_eval[1]) if evaluated and last_eval else None
+                checkpointer.save(step, state, train_iter, metrics_for_best)
+            if stopping:
+                checkpointer.close()
+                writer.close()
+                log_lib.console(f"stopped at step {step} after a signal; checkpoint saved. Re-run to resume.")
+                return {"preempted": True, "step": step}
+    train_seconds = time.perf_counter() - train_start
+
+    final = last_eval[1] if last_eval and last_eval[0] == num_steps else evaluate_all(num_steps)
+    checkpointer.close()
+    writer.close()
+    results = {
+        "name": config.get("name", ""),
+        "workdir": workdir,
+        "steps": num_steps,
+        "resumed_from_step": start_step,
+        "train_seconds_this_run": round(train_seconds, 2),
+        "num_parameters": num_params,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "splits": final,
+    }
+    if log_lib.is_primary():
+        with open(os.path.join(workdir, RESULTS_FILENAME), "w") as f:
+            json.dump(results, f, indent=2)
+        log_lib.plot_curves(log_lib.read_metrics(workdir), os.path.join(workdir, "curves.png"), config.get("name", ""))
+    return results

@@ -1,0 +1,26 @@
+"""The train state: a plain pytree, checkpointed as a whole."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Step counter, parameters, optimizer state and the run's base RNG key.
+
+    Each step's randomness is `fold_in(rng, step)`, so a resumed run draws exactly what an uninterrupted run would.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: optax.OptState
+    rng: jax.Array
+
+
+def step_rng(state: TrainState) -> jax.Array:
+    return jax.random.fold_in(state.rng, state.step)

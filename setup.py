@@ -1,0 +1,33 @@
+"""mmjax: multimodal models in JAX. `pip install -e .` (main) or `pip install -e ".[test]"` (with tests)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mmjax",
+    version="0.1.0",
+    description="Multimodal encoders, fusion and data-parallel training in JAX/Flax",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mmjax", "mmjax.*", "experiments", "experiments.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Ranges that were tested: jax 0.10.2 on CPU here; GPU machines carry jax 0.11.x.
+        "jax>=0.10.2,<0.12",
+        "flax>=0.12.0,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.0,<0.13",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "array-record>=0.8,<0.9",
+        "importlib_resources>=6,<8",  # tensorflow-datasets needs it to build datasets, but does not declare it.
+        "grain>=0.2.18,<0.3",
+        "einops>=0.8,<0.9",
+        "ml_collections>=1.1,<1.2",
+        "numpy>=2.0,<3",
+        "scipy>=1.13,<2",
+        "scikit-learn>=1.5,<2",
+        "tensorboardX>=2.6,<3",
+        "matplotlib>=3.9,<4",
+        "espeakng-loader>=0.2.4,<0.3",
+    ],
+    extras_require={"test": ["pytest>=8,<10"]},
+)

@@ -1,0 +1,48 @@
+"""Test set-up: 8 simulated CPU devices, so every sharding path runs on a laptop or CI."""
+
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~20 s; CI runs it in its own step")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def av_digits_dir(tmp_path_factory):
+    """AV-Digits built once per test session into a temporary TFDS data dir."""
+    from mmjax.data import av_digits
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    av_digits.build(data_dir)
+    return data_dir
+
+
+def tiny_overrides(data_dir: str, **extra) -> list[str]:
+    """Command-line overrides that shrink the AV-Digits experiment to seconds (used by tests and CI)."""
+    values = {
+        "data.data_dir": data_dir,
+        "data.batch_size": 16,
+        "data.eval_batch_size": 64,
+        "model.encoders.image.features": "(4,)",
+        "model.encoders.image.width": 16,
+        "model.encoders.audio.features": "(4, 8)",
+        "model.encoders.audio.width": 16,
+        "model.head.hidden": "(16,)",
+        "train.num_steps": 6,
+        "train.log_every_steps": 1,
+        "train.eval_every_steps": 3,
+        "checkpoint.every_steps": 2,
+        "checkpoint.keep": 5,
+        "optimizer.warmup_steps": 2,
+    }
+    values.update(extra)
+    return [f"{k}={v}" for k, v in values.items()]
