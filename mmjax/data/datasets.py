@@ -34,6 +34,19 @@ class Dataset:
     class_names: tuple[str, ...] = ()
 
 
+def build_on_process_zero(build: Callable[[], Any]) -> Any:
+    """Runs an offline dataset build on process 0 first, then on the others (which then find it built)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return build()
+    from jax.experimental import multihost_utils
+
+    result = build() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("mmjax-dataset-built")
+    return result if result is not None else build()
+
+
 def get_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     """Looks up `config.data.name` and builds the dataset (offline builders build on first use)."""
     if data_config.name not in DATASETS:
@@ -67,7 +80,7 @@ def av_digits(data_config: ml_collections.ConfigDict) -> Dataset:
     """AV-Digits: scikit-learn's handwritten digits paired with eSpeak NG spoken digits (see mmjax.data.av_digits)."""
     from mmjax.data import av_digits as builder_module
 
-    builder = builder_module.build(data_config.get("data_dir") or None)
+    builder = build_on_process_zero(lambda: builder_module.build(data_config.get("data_dir") or None))
     audio = data_config.get("audio", ml_collections.ConfigDict())
     preprocess = AvDigitsPreprocess(
         sample_rate=builder_module.SAMPLE_RATE,

@@ -69,24 +69,35 @@ def _check_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> None:
             raise ValueError(f"split {key!r} of dataset {dataset.name!r} is empty")
 
 
+def _differences(before: dict, now: dict, prefix: str) -> list[str]:
+    """`key: saved X, now Y` lines for the top-level keys whose values differ."""
+    return [
+        f"{prefix}{k}: saved {before.get(k)!r}, now {now.get(k)!r}"
+        for k in sorted(set(before) | set(now))
+        if before.get(k) != now.get(k)
+    ]
+
+
 def _check_workdir(workdir: str, config: ml_collections.ConfigDict, spec: dict) -> None:
     """Refuses to resume a workdir whose checkpoints belong to a different model; warns on other changes."""
     checkpoints = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
         return
     saved_path = os.path.join(workdir, config_lib.CONFIG_FILENAME)
-    if not os.path.exists(saved_path):
-        raise ValueError(f"workdir {workdir} holds checkpoints but no {config_lib.CONFIG_FILENAME}; use a new --workdir")
-    saved = config_lib.load(saved_path)
-    before, now = config_lib.normalize(saved.to_dict()), config_lib.normalize(config.to_dict())
     inputs_path = os.path.join(workdir, INPUTS_FILENAME)
-    saved_spec = json.load(open(inputs_path)) if os.path.exists(inputs_path) else None
-    if before.get("model") != now.get("model") or (saved_spec is not None and saved_spec != config_lib.normalize(spec)):
-        diffs = [f"model.{k}: saved {before['model'].get(k)!r}, now {now['model'].get(k)!r}"
-                 for k in sorted(set(before.get("model", {})) | set(now["model"]))
-                 if before.get("model", {}).get(k) != now["model"].get(k)]
-        if saved_spec is not None and saved_spec != config_lib.normalize(spec):
-            diffs.append(f"model inputs: saved {saved_spec}, now {config_lib.normalize(spec)}")
+    if not (os.path.exists(saved_path) and os.path.exists(inputs_path)):
+        raise ValueError(
+            f"workdir {workdir} holds checkpoints but no {config_lib.CONFIG_FILENAME} / {INPUTS_FILENAME} to check "
+            "them against; use a new --workdir"
+        )
+    before = config_lib.normalize(config_lib.load(saved_path).to_dict())
+    now = config_lib.normalize(config.to_dict())
+    with open(inputs_path) as f:
+        saved_spec = json.load(f)
+    diffs = _differences(before.get("model", {}), now["model"], "model.")
+    if saved_spec != config_lib.normalize(spec):
+        diffs.append(f"model inputs: saved {saved_spec}, now {config_lib.normalize(spec)}")
+    if diffs:
         raise ValueError(
             f"workdir {workdir} holds checkpoints of a different model; nothing was changed there. "
             "Differences:\n  " + "\n  ".join(diffs) + "\nUse a new --workdir to train this model."

@@ -45,7 +45,7 @@ def train_step(
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -111,15 +111,22 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(uninterrupted, av_digi
     assert_trees_identical(final_params(workdir, 6), final_params(reference_dir, 6))
 
 
-def test_workdir_of_another_model_is_refused_and_left_untouched(uninterrupted, av_digits_dir, tmp_path):
+@pytest.mark.parametrize(
+    "override, difference",
+    [
+        ({"model.fusion.name": "late"}, "model.fusion: saved"),
+        ({"data.audio.n_mels": 32}, r"model inputs: saved .*'audio': \[\[49, 40\]"),  # Same model, other shapes.
+    ],
+)
+def test_workdir_of_another_model_is_refused_and_left_untouched(
+    uninterrupted, av_digits_dir, tmp_path, override, difference
+):
     reference_dir, _ = uninterrupted
     workdir = str(tmp_path / "run")
     shutil.copytree(reference_dir, workdir)
     before = sorted(os.path.relpath(os.path.join(r, f), workdir) for r, _, fs in os.walk(workdir) for f in fs)
-    other = tiny_config(av_digits_dir)
-    other.model.fusion.name = "late"
-    with pytest.raises(ValueError, match="different model(.|\n)*model.fusion: saved"):
-        loop.run(other, workdir)
+    with pytest.raises(ValueError, match="different model(.|\n)*" + difference):
+        loop.run(tiny_config(av_digits_dir, **override), workdir)
     after = sorted(os.path.relpath(os.path.join(r, f), workdir) for r, _, fs in os.walk(workdir) for f in fs)
     assert before == after
     assert config_lib.load(workdir).model.fusion.name == "concat"

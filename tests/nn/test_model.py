@@ -1,0 +1,117 @@
+"""MultimodalModel composition: shapes, sorted modality order, masks, clear errors."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mmjax.nn.model import build_model
+
+
+def model_config(fusion="concat"):
+    return ml_collections.ConfigDict(
+        dict(
+            num_classes=10,
+            encoders=dict(
+                image=dict(name="small_cnn", features=(4,), width=8),
+                audio=dict(name="spectrogram_cnn", features=(4,), width=8),
+            ),
+            fusion=dict(name=fusion),
+            head=dict(name="classifier", hidden=(8,)),
+        )
+    )
+
+
+def batch(n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": rng.normal(size=(n, 8, 8, 1)).astype(np.float32),
+        "audio": rng.normal(size=(n, 49, 40)).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("fusion", ["concat", "late"])
+def test_logits_shape_and_per_modality_encoders(fusion):
+    model = build_model(model_config(fusion))
+    params = model.init(jax.random.PRNGKey(0), batch(), train=False)["params"]
+    assert model.apply({"params": params}, batch(), train=False).shape == (3, 10)
+    assert {"encoders_audio", "encoders_image"} <= set(params)
+    if fusion == "late":  # Decision-level: one head per modality inside the fusion, none outside.
+        assert set(params["fusion"]) == {"head_audio", "head_image"} and "head" not in params
+    else:  # Concatenation has no parameters of its own.
+        assert set(params) == {"encoders_audio", "encoders_image", "head"}
+
+
+def test_encoder_order_does_not_depend_on_config_insertion_order():
+    forward = model_config()
+    backward = model_config()
+    backward.encoders = {"image": forward.encoders.image.to_dict(), "audio": forward.encoders.audio.to_dict()}
+    a, b = build_model(forward), build_model(backward)
+    pa = a.init(jax.random.PRNGKey(0), batch(), train=False)
+    pb = b.init(jax.random.PRNGKey(0), batch(), train=False)
+    np.testing.assert_array_equal(a.apply(pa, batch(), train=False), b.apply(pb, batch(), train=False))
+
+
+@pytest.mark.parametrize("fusion", ["concat", "late"])
+def test_a_masked_modality_contributes_nothing(fusion):
+    model = build_model(model_config(fusion))
+    params = model.init(jax.random.PRNGKey(0), batch(), train=False)
+    x = batch() | {"audio_mask": np.array([1.0, 0.0, 0.0], np.float32)}
+    changed = dict(x, audio=x["audio"] * 5.0 + 3.0)
+    out, out_changed = model.apply(params, x, train=False), model.apply(params, changed, train=False)
+    np.testing.assert_allclose(out[1:], out_changed[1:], rtol=0, atol=0)  # Masked rows ignore the audio.
+    assert not np.allclose(out[0], out_changed[0])  # The present row uses it.
+
+
+def test_late_fusion_is_the_mean_of_per_modality_logits():
+    model = build_model(model_config("late"))
+    params = model.init(jax.random.PRNGKey(0), batch(), train=False)
+    both = model.apply(params, batch(), train=False)
+    only_image = model.apply(params, batch() | {"audio_mask": np.zeros(3, np.float32)}, train=False)
+    only_audio = model.apply(params, batch() | {"image_mask": np.zeros(3, np.float32)}, train=False)
+    np.testing.assert_allclose(both, (only_image + only_audio) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_modality_in_batch_is_named():
+    model = build_model(model_config())
+    params = model.init(jax.random.PRNGKey(0), batch(), train=False)
+    with pytest.raises(KeyError, match="batch is missing modality 'audio'"):
+        model.apply(params, {"image": batch()["image"]}, train=False)
+
+
+def test_wrong_input_rank_is_named():
+    model = build_model(model_config())
+    bad = batch() | {"image": np.zeros((3, 8, 8), np.float32)}
+    with pytest.raises(ValueError, match=r"small_cnn expects input of shape \[B, H, W, C\].*\(3, 8, 8\)"):
+        model.init(jax.random.PRNGKey(0), bad, train=False)
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        ("encoders.image.name", "small_cnm", "model.encoders.image.name: unknown encoder 'small_cnm'"),
+        ("encoders.image.widht", 8, r"model.encoders.image \(small_cnn\): unknown field\(s\) widht"),
+        ("fusion.name", "tensor_fusion_x", "model.fusion.name: unknown fusion"),
+        ("head.name", "regressor_x", "model.head.name: unknown head"),
+    ],
+)
+def test_bad_model_config_is_named(path, value, message):
+    config = model_config()
+    node = config
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        build_model(config)
+
+
+def test_bf16_compute_keeps_float32_params_and_logits():
+    config = model_config()
+    config.encoders.image.dtype = "bfloat16"
+    config.encoders.audio.dtype = "bfloat16"
+    model = build_model(config)
+    params = model.init(jax.random.PRNGKey(0), batch(), train=False)
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+    assert model.apply(params, batch(), train=False).dtype == jnp.float32

@@ -1,0 +1,97 @@
+"""Data parallelism: 1 device, 8 devices and 2 processes x 4 devices give the same losses for the same batches."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mmjax.train import loop
+from tests.conftest import tiny_overrides
+from tests.train.test_loop import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def experiment_command(workdir, data_dir, *extra_args, **overrides):
+    overrides.setdefault("variants", "early")
+    args = [f"--config.{o}" for o in tiny_overrides(data_dir, **overrides)]
+    return [sys.executable, "-m", "experiments.av_digits", "--workdir", workdir, *args, *extra_args]
+
+
+def cpu_env(devices):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def records(workdir, split):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_one_device_eight_devices_and_two_processes_agree(av_digits_dir, tmp_path):
+    eight = str(tmp_path / "eight")
+    loop.run(tiny_config(av_digits_dir), eight)
+
+    one = str(tmp_path / "one")
+    subprocess.run(experiment_command(one, av_digits_dir), env=cpu_env(1), cwd=REPO, check=True, timeout=300)
+
+    two = str(tmp_path / "two")
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            experiment_command(two, av_digits_dir, f"--coordinator_address=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}"),
+            env=cpu_env(4), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert "8 device(s) on 2 process(es)" in outputs[0]
+
+    reference = records(eight, "train")
+    for other in (os.path.join(one, "early"), os.path.join(two, "early")):
+        train = records(other, "train")
+        assert [r["step"] for r in train] == [r["step"] for r in reference]
+        np.testing.assert_allclose([r["loss"] for r in train], [r["loss"] for r in reference], rtol=1e-4)
+        for split in ("validation", "test"):
+            np.testing.assert_allclose(
+                [r["loss"] for r in records(other, split)], [r["loss"] for r in records(eight, split)], rtol=1e-4
+            )
+    results = json.load(open(os.path.join(two, "early", "results.json")))
+    assert results["processes"] == 2 and results["splits"]["test"]["num_examples"] == 360
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_75(av_digits_dir, tmp_path):
+    workdir = str(tmp_path)
+    command = experiment_command(workdir, av_digits_dir, **{"train.num_steps": 10_000, "checkpoint.every_steps": 1000})
+    proc = subprocess.Popen(command, env=cpu_env(1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(workdir, "early", "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and len(records(os.path.join(workdir, "early"), "train")) >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == loop.PREEMPTED_EXIT_CODE, output[-3000:]
+    assert "received SIGTERM" in output
+    steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "early", "checkpoints")) if n.isdigit())
+    last_logged = records(os.path.join(workdir, "early"), "train")[-1]["step"]
+    assert steps and steps[-1] >= last_logged >= 3
