@@ -1,21 +1,28 @@
 """AV-Digits: image-only, audio-only, early (concat) and late (mean of logits) fusion on the embedded dataset.
 
-Command (the main job; builds the dataset on first use, ~4 min on 2 CPU cores in all):
+Command (the main job; builds the dataset on first use; ~3 min on 2 CPU cores in all):
 
     python -m experiments.av_digits --workdir /tmp/av
 
 Override any config key, e.g. `--config.variants=early,late --config.train.num_steps=1000`.
-Expected test results (seed 0; see README "Results"):
+Expected test results (seed 0, jax 0.10.2, 2 CPU cores; see README "Results"):
 
-    | model | accuracy | macro_f1 |   image ~0.80, audio ~0.80, early ~0.95, late ~0.95
+    | model | accuracy | macro_f1 |
+    | image | 0.8667   | 0.8667   |
+    | audio | 0.8694   | 0.8699   |
+    | early | 0.9694   | 0.9696   |
+    | late  | 0.9639   | 0.9637   |
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import ml_collections
 
-from mmjax import cli, compare
-from mmjax.train import optimizer
+from mmjax import cli  # Light on purpose: the trainer (and JAX) are imported in run(), after start-up.
+
+Variant = Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -29,28 +36,41 @@ def get_config() -> ml_collections.ConfigDict:
         train_split="train",
         batch_size=64,
         eval_batch_size=256,
-        num_threads=2,
+        num_threads=1,  # Measured: one Grain thread beats two for this in-memory data.
         num_workers=0,
+        cache_in_memory=True,  # 1,797 small examples: preprocess once, not every epoch.
         audio=dict(n_fft=256, hop_length=160, n_mels=40),
     )
     config.model = dict(
         num_classes=10,
         encoders=dict(
-            image=dict(name="small_cnn", features=(32, 64), pool_after=(1,), width=128, dropout=0.1),
-            audio=dict(name="spectrogram_cnn", features=(16, 32, 64), width=128, dropout=0.1),
+            # conv_impl: "auto" = mmjax's fast-backward convolution on CPU, XLA's elsewhere; "xla" / "cpu" force one.
+            image=dict(name="small_cnn", features=(32, 64), pool_after=(1,), width=128, dropout=0.1, conv_impl="auto"),
+            audio=dict(name="spectrogram_cnn", features=(16, 32, 64), width=128, dropout=0.1, conv_impl="auto"),
         ),
         fusion=dict(name="concat"),
         head=dict(name="classifier", hidden=(128,), dropout=0.2),
     )
-    config.optimizer = optimizer.default_config()
-    config.optimizer.lr = 2e-3
+    config.optimizer = dict(
+        name="adamw",  # or "sgd" (momentum, nesterov)
+        lr=2e-3,
+        schedule="cosine",  # linear warm-up, then cosine decay to lr * end_lr_factor; or "constant"
+        warmup_steps=50,
+        end_lr_factor=0.01,
+        weight_decay=1e-4,  # not applied to biases and norm parameters
+        b1=0.9,
+        b2=0.999,
+        momentum=0.9,
+        nesterov=False,
+        grad_clip_norm=1.0,  # global norm; 0 disables clipping
+    )
     config.train = dict(num_steps=600, log_every_steps=50, eval_every_steps=200)
     config.eval = dict(splits=("validation", "test"))
     config.checkpoint = dict(every_steps=200, keep=2, best_metric="validation/accuracy", best_mode="max")
     return config
 
 
-def _only(modality: str) -> compare.Variant:
+def _only(modality: str) -> Variant:
     def variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         config.model.encoders = {modality: config.model.encoders[modality].to_dict()}
         config.model.fusion = {"name": "concat"}
@@ -59,7 +79,7 @@ def _only(modality: str) -> compare.Variant:
     return variant
 
 
-def _fused(fusion: str) -> compare.Variant:
+def _fused(fusion: str) -> Variant:
     def variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         config.model.fusion = {"name": fusion}
         return config
@@ -71,6 +91,8 @@ VARIANTS = {"image": _only("image"), "audio": _only("audio"), "early": _fused("c
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
+    from mmjax import compare
+
     return compare.run_variants(config, workdir, VARIANTS)
 
 

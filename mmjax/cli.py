@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
 from typing import Any, Callable, Sequence
 
@@ -26,6 +28,31 @@ def _split_overrides(rest: Sequence[str], parser: argparse.ArgumentParser) -> li
         overrides.append(body)
         i += 1
     return overrides
+
+
+HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+NO_REEXEC_ENV = "MMJAX_NO_MALLOC_TUNING"
+
+
+def reexec_with_hugepages() -> None:
+    """Restarts this command once with glibc's malloc backed by transparent huge pages, then returns there.
+
+    XLA's large scratch buffers are otherwise page-faulted anew on every step; on CPU this was measured to
+    make small-model steps ~1.5x faster. glibc reads the tunable only at start-up, hence the re-exec. Skipped
+    when GLIBC_TUNABLES is already set, off Linux, or with MMJAX_NO_MALLOC_TUNING=1.
+    """
+    if (
+        platform.system() != "Linux"
+        or "GLIBC_TUNABLES" in os.environ
+        or os.environ.get(NO_REEXEC_ENV) == "1"
+        or platform.libc_ver()[0] != "glibc"
+        or "jax" in sys.modules  # Too late: a re-exec would throw away an initialised runtime.
+    ):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=HUGEPAGES_TUNABLE)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, list(sys.orig_argv), env)
 
 
 def parse(
@@ -61,6 +88,8 @@ def main(
     if args.print_config:
         print(config_lib.to_json(config))
         return None
+    if argv is None:  # Only a real command line can be re-executed.
+        reexec_with_hugepages()
     from mmjax.train import parallel
     from mmjax.train.loop import PREEMPTED_EXIT_CODE
 

@@ -248,6 +248,61 @@ def run(
     }
 
 
+def default_encoders(batch: int = 64) -> dict[str, tuple[Callable[[str], Any], jax.Array]]:
+    """The conv encoders of the default experiment (experiments.av_digits), at its input shapes.
+
+    Returns ``{modality: (make_module(conv_impl), inputs)}``.
+    """
+    from experiments import av_digits
+    from mmjax.data import av_digits as av_digits_data
+    from mmjax.nn.model import build_model
+
+    config = av_digits.get_config()
+    shapes = {
+        "image": (batch, 8, 8, 1),
+        "audio": (batch, av_digits_data.N_FRAMES, av_digits_data.N_MELS),
+    }
+    rng = np.random.default_rng(0)
+    encoders = {}
+    for modality in sorted(config.model.encoders):
+
+        def make(impl: str, modality=modality):
+            model_config = config.model.copy_and_resolve_references()
+            model_config.encoders = {modality: dict(config.model.encoders[modality].to_dict(), conv_impl=impl)}
+            return build_model(model_config).encoders[modality]
+
+        encoders[modality] = (make, rng.normal(size=shapes[modality]).astype(np.float32))
+    return encoders
+
+
+def run_encoders(
+    impls: Sequence[str] = IMPLS_COMPARED, *, batch: int = 64, repeats: int = 20, warmup: int = 2
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Forward and train-step (value_and_grad) times of each default encoder, per conv implementation."""
+    return {
+        modality: {
+            impl: benchmark_module(make(impl), inputs, repeats=repeats, warmup=warmup, apply_kwargs={"train": False})
+            for impl in impls
+        }
+        for modality, (make, inputs) in default_encoders(batch).items()
+    }
+
+
+def format_encoder_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    """Text table: one row per (encoder, impl): forward, train step and their ratio."""
+    header = f"{'encoder':<22} {'impl':<5} {'fwd ms':>8} {'step ms':>8} {'step/fwd':>9} {'speed-up':>9}"
+    lines = [header, "-" * len(header)]
+    for name, per_impl in results.items():
+        baseline = per_impl.get("xla", {}).get("train_step_ms")
+        for impl, row in per_impl.items():
+            speedup = f"{baseline / row['train_step_ms']:>8.2f}x" if baseline else f"{'':>9}"
+            lines.append(
+                f"{name:<22} {impl:<5} {row['forward_ms']:>8.2f} {row['train_step_ms']:>8.2f} "
+                f"{row['ratio']:>9.2f} {speedup}"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: print the table for :data:`DEFAULT_CASES`, optionally write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -264,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("warning: several simulated CPU devices (XLA_FLAGS); timings are not representative")
     results = run(DEFAULT_CASES, repeats=args.repeats, warmup=args.warmup)
     print(format_table(results))
+    print("\nEncoders of the default experiment (experiments.av_digits), batch 64:")
+    encoders = run_encoders(repeats=args.repeats, warmup=args.warmup)
+    print(format_encoder_table(encoders))
     if args.json:
         with open(args.json, "w") as f:
             record = {
@@ -272,6 +330,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "device_count": jax.device_count(),
                 "repeats": args.repeats,
                 "results": results,
+                "encoders": encoders,
             }
             json.dump(record, f, indent=2)
 

@@ -1,13 +1,14 @@
 """The input pipeline: Grain over a random-access source -> per-process batches -> global sharded jax.Arrays.
 
-Every process reads only its own shard (`dataset[process_index::process_count]` after one global shuffle), so
-the global batch of step k is the same examples whatever the number of processes. The training iterator's
+Every process reads only its own rows of each global batch (after one global shuffle), so the global batch of
+step k holds the same examples in the same order whatever the number of processes or devices. The training iterator's
 position is checkpointed (Grain `get_state`/`set_state`), so a resumed run sees exactly the batches it would
 have seen.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Iterator, Mapping
 
@@ -31,6 +32,43 @@ def local_batch_size(global_batch_size: int) -> int:
     return global_batch_size // processes
 
 
+class InMemorySplit:
+    """A split preprocessed once and held as stacked numpy arrays (random access, picklable).
+
+    For small datasets, where reading and preprocessing each example every epoch would cost more than the
+    training step itself. Preprocessing must be deterministic (augmentations belong after the cache).
+    """
+
+    def __init__(self, source, preprocess):
+        if len(source) == 0:
+            self.arrays: dict[str, np.ndarray] = {}
+            return
+        examples = [preprocess(source[i]) for i in range(len(source))]
+        self.arrays = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values()))) if self.arrays else 0
+
+    def __getitem__(self, index: int) -> Batch:
+        return {k: v[index] for k, v in self.arrays.items()}
+
+
+def _identity(example):
+    return example
+
+
+def cache_in_memory(dataset: Dataset) -> Dataset:
+    """The same dataset with every split preprocessed on first use and served from memory."""
+    splits: dict[str, InMemorySplit] = {}
+
+    def source(split: str) -> InMemorySplit:
+        if split not in splits:
+            splits[split] = InMemorySplit(dataset.source(split), dataset.preprocess)
+        return splits[split]
+
+    return dataclasses.replace(dataset, source=source, preprocess=_identity)
+
+
 def train_dataset(
     dataset: Dataset, split: str, *, global_batch_size: int, seed: int, num_threads: int = 2, num_workers: int = 0
 ) -> grain.IterDataset:
@@ -38,9 +76,11 @@ def train_dataset(
     source = dataset.source(split)
     if len(source) == 0:
         raise ValueError(f"dataset {dataset.name!r} split {split!r} is empty")
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).map(dataset.preprocess)
+    # Global batch k is elements [k*B, (k+1)*B) of the shuffled stream; process p holds the contiguous rows
+    # [p*L, (p+1)*L) of it (L = B / processes), matching its devices' place in the mesh. Only those rows are read.
+    ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True)
     ds = ds[jax.process_index() :: jax.process_count()]
-    ds = ds.map(dataset.preprocess).batch(local_batch_size(global_batch_size), drop_remainder=True)
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
     if num_workers > 0:
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

@@ -176,6 +176,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
 
     dataset = get_dataset(config.data)
+    if config.data.cache_in_memory:
+        dataset = pipeline.cache_in_memory(dataset)
     _check_dataset(config, dataset)
     model = build_model(config.model)
     keys = sorted(config.model.encoders) + ["label"]

@@ -46,22 +46,3 @@ def build_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Gra
     if cfg.grad_clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), opt)
     return opt
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """The optimizer block every experiment config starts from."""
-    return ml_collections.ConfigDict(
-        dict(
-            name="adamw",
-            lr=1e-3,
-            schedule="cosine",
-            warmup_steps=50,
-            end_lr_factor=0.01,
-            weight_decay=1e-4,
-            b1=0.9,
-            b2=0.999,
-            momentum=0.9,
-            nesterov=False,
-            grad_clip_norm=1.0,
-        )
-    )

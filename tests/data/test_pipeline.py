@@ -75,3 +75,17 @@ def test_global_batch_is_sharded_over_all_devices():
     assert arrays["x"].shape == (8, 2)
     assert len(arrays["x"].addressable_shards) == jax.device_count() == 8
     np.testing.assert_array_equal(np.asarray(arrays["x"]), batch["x"])
+
+
+def test_processes_hold_contiguous_rows_of_the_same_global_batches(monkeypatch):
+    """With P processes, concatenating their local batches (in process order) gives the 1-process batch."""
+    single = iter(pipeline.train_dataset(fake_dataset(40), "train", global_batch_size=8, seed=1))
+    expected = [next(single)["x"] for _ in range(12)]  # Crosses several epochs.
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    per_process = []
+    for index in range(2):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        stream = iter(pipeline.train_dataset(fake_dataset(40), "train", global_batch_size=8, seed=1))
+        per_process.append([next(stream)["x"] for _ in range(12)])
+    for step, want in enumerate(expected):
+        np.testing.assert_array_equal(np.concatenate([per_process[0][step], per_process[1][step]]), want)

@@ -4,6 +4,7 @@ Every 'cpu'-path result is compared with ``lax.conv_general_dilated`` / ``nn.Con
 forward values and both gradients. No timing assertions.
 """
 
+import functools
 import json
 
 import flax.linen as nn
@@ -267,10 +268,17 @@ def test_params_interchangeable_with_nn_conv(use_bias):
 def test_benchmark_helpers_smoke(tmp_path, monkeypatch, capsys):
     tiny = bench.ConvCase("tiny", 6, 5, 2, 3, batch=4)
     monkeypatch.setattr(bench, "DEFAULT_CASES", (tiny,))
+    monkeypatch.setattr(bench, "run_encoders", functools.partial(bench.run_encoders, batch=2))
     path = tmp_path / "conv.json"
     bench.main(["--repeats", "1", "--warmup", "1", "--json", str(path)])
-    assert "tiny" in capsys.readouterr().out
-    results = json.loads(path.read_text())["results"]["tiny"]
+    out = capsys.readouterr().out
+    assert "tiny" in out and "Encoders of the default experiment" in out
+    record = json.loads(path.read_text())
+    assert set(record["encoders"]) == {"audio", "image"}
+    for per_impl in record["encoders"].values():
+        assert set(per_impl) == {"xla", "cpu"}
+        assert all(row["train_step_ms"] > 0 and row["ratio"] > 0 for row in per_impl.values())
+    results = record["results"]["tiny"]
     assert set(results) == {"xla", "cpu"}
     for row in results.values():
         assert set(row) == {"fwd_ms", "dx_ms", "dk_ms", "fwd_bwd_ms", "ratio"}

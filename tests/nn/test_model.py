@@ -115,3 +115,16 @@ def test_bf16_compute_keeps_float32_params_and_logits():
     params = model.init(jax.random.PRNGKey(0), batch(), train=False)
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
     assert model.apply(params, batch(), train=False).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 49, 40, 4), (1, 5, 7, 2), (3, 1, 1, 1)])
+def test_max_pool_2x2_equals_flax_max_pool_and_its_gradient(shape):
+    import flax.linen as nn
+
+    from mmjax.nn.layers import max_pool_2x2
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))  # No ties.
+    reference = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2), padding="SAME")
+    np.testing.assert_array_equal(max_pool_2x2(x), reference(x))
+    grad = lambda f: jax.grad(lambda v: jnp.sum(f(v) * jnp.arange(f(v).size).reshape(f(v).shape)))(x)
+    np.testing.assert_array_equal(grad(max_pool_2x2), grad(reference))

@@ -9,7 +9,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from mmjax.train import loop
 from tests.conftest import tiny_overrides

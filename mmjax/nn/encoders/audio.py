@@ -6,10 +6,11 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+from einops import rearrange
 
 from mmjax.nn.common import Dtype, EncoderOutput, check_rank, to_dtype
 from mmjax.nn.conv import Conv
+from mmjax.nn.layers import max_pool_2x2
 from mmjax.registry import ENCODERS
 
 
@@ -33,9 +34,8 @@ class SpectrogramCNN(nn.Module):
         x = to_dtype(x, self.dtype)[..., None]
         for features in self.features:
             x = nn.relu(Conv(features, (3, 3), impl=self.conv_impl, dtype=self.dtype)(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
-        batch, frames, mels, channels = x.shape
-        tokens = nn.Dense(self.width, dtype=self.dtype, name="token_proj")(x.reshape(batch, frames, mels * channels))
-        pooled = nn.relu(nn.Dense(self.width, dtype=self.dtype, name="pool_proj")(x.reshape(batch, -1)))
+            x = max_pool_2x2(x)
+        tokens = nn.Dense(self.width, dtype=self.dtype, name="token_proj")(rearrange(x, "b t f c -> b t (f c)"))
+        pooled = nn.relu(nn.Dense(self.width, dtype=self.dtype, name="pool_proj")(rearrange(x, "b t f c -> b (t f c)")))
         pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
         return EncoderOutput(tokens=tokens, pooled=pooled)
