@@ -217,22 +217,28 @@ def _mean_of_outputs(outputs: Any) -> jax.Array:
     return functools.reduce(jnp.add, leaves)
 
 
-def format_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """Text table: one row per (case, impl), plus the fwd+bwd speed-up of 'cpu' over 'xla'."""
-    header = (
-        f"{'case':<22} {'impl':<5} {'fwd ms':>8} {'dx ms':>8} {'dk ms':>8} "
-        f"{'fwd+bwd ms':>11} {'(f+b)/f':>8} {'speed-up':>9}"
-    )
+Results = Mapping[str, Mapping[str, Mapping[str, float]]]
+
+
+def _table(results: Results, first: str, columns: Sequence[tuple[str, str]], total: str) -> str:
+    """Text table, one row per (name, impl); `columns` are (header, key); speed-up of `total` against 'xla'."""
+    headers = [f"{first:<22}", f"{'impl':<5}", *(f"{h:>11}" for h, _ in columns), f"{'speed-up':>9}"]
+    header = " ".join(headers)
     lines = [header, "-" * len(header)]
-    for case_name, per_impl in results.items():
-        baseline = per_impl.get("xla", {}).get("fwd_bwd_ms")
+    for name, per_impl in results.items():
+        baseline = per_impl.get("xla", {}).get(total)
         for impl, row in per_impl.items():
-            speedup = f"{baseline / row['fwd_bwd_ms']:>8.2f}x" if baseline else f"{'':>9}"
-            lines.append(
-                f"{case_name:<22} {impl:<5} {row['fwd_ms']:>8.2f} {row['dx_ms']:>8.2f} "
-                f"{row['dk_ms']:>8.2f} {row['fwd_bwd_ms']:>11.2f} {row['ratio']:>8.2f} {speedup}"
-            )
+            speedup = f"{baseline / row[total]:>8.2f}x" if baseline else f"{'':>9}"
+            cells = [f"{name:<22}", f"{impl:<5}", *(f"{row[key]:>11.2f}" for _, key in columns), speedup]
+            lines.append(" ".join(cells))
     return "\n".join(lines)
+
+
+def format_table(results: Results) -> str:
+    """Conv layers: forward, input-grad, kernel-grad and fwd+bwd ms, (f+b)/f, speed-up of 'cpu' over 'xla'."""
+    columns = [("fwd ms", "fwd_ms"), ("dx ms", "dx_ms"), ("dk ms", "dk_ms"), ("fwd+bwd ms", "fwd_bwd_ms"),
+               ("(f+b)/f", "ratio")]
+    return _table(results, "case", columns, "fwd_bwd_ms")
 
 
 def run(
@@ -288,19 +294,10 @@ def run_encoders(
     }
 
 
-def format_encoder_table(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
-    """Text table: one row per (encoder, impl): forward, train step and their ratio."""
-    header = f"{'encoder':<22} {'impl':<5} {'fwd ms':>8} {'step ms':>8} {'step/fwd':>9} {'speed-up':>9}"
-    lines = [header, "-" * len(header)]
-    for name, per_impl in results.items():
-        baseline = per_impl.get("xla", {}).get("train_step_ms")
-        for impl, row in per_impl.items():
-            speedup = f"{baseline / row['train_step_ms']:>8.2f}x" if baseline else f"{'':>9}"
-            lines.append(
-                f"{name:<22} {impl:<5} {row['forward_ms']:>8.2f} {row['train_step_ms']:>8.2f} "
-                f"{row['ratio']:>9.2f} {speedup}"
-            )
-    return "\n".join(lines)
+def format_encoder_table(results: Results) -> str:
+    """Encoders: forward and train-step ms, their ratio, speed-up of 'cpu' over 'xla'."""
+    columns = [("fwd ms", "forward_ms"), ("step ms", "train_step_ms"), ("step/fwd", "ratio")]
+    return _table(results, "encoder", columns, "train_step_ms")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -262,35 +262,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     last_eval: tuple[int, dict] | None = None
     step = start_step
     train_start = time.perf_counter()
-    with stop.installed():
-        while step < num_steps:
-            host_batch = next(train_iter)
-            pipeline.check_batch(host_batch, spec, pipeline.local_batch_size(config.data.batch_size))
-            state, metrics = step_fn(state, pipeline.to_global({k: host_batch[k] for k in keys}, batch_sharding))
-            step += 1
-            pending.append(metrics)
-            if step % config.train.log_every_steps == 0 or step == num_steps:
-                averaged = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-                pending.clear()
-                averaged["examples_per_s"] = progress.report(step, averaged)
-                writer.write(step, "train", averaged)
-            evaluated = step % config.train.eval_every_steps == 0 or step == num_steps
-            if evaluated:
-                last_eval = (step, evaluate_all(step))
-            stopping = stop.requested()
-            if stopping or step % config.checkpoint.every_steps == 0 or step == num_steps or evaluated:
-                metrics_for_best = flat(last_eval[1]) if evaluated and last_eval else None
-                checkpointer.save(step, state, train_iter, metrics_for_best)
-            if stopping:
-                checkpointer.close()
-                writer.close()
-                log_lib.console(f"stopped at step {step} after a signal; checkpoint saved. Re-run to resume.")
-                return {"preempted": True, "step": step}
-    train_seconds = time.perf_counter() - train_start
-
-    final = last_eval[1] if last_eval and last_eval[0] == num_steps else evaluate_all(num_steps)
-    checkpointer.close()
-    writer.close()
+    try:  # Whatever happens, pending checkpoint writes are finished and logs flushed.
+        with stop.installed():
+            while step < num_steps:
+                host_batch = next(train_iter)
+                pipeline.check_batch(host_batch, spec, pipeline.local_batch_size(config.data.batch_size))
+                batch = pipeline.to_global({k: host_batch[k] for k in keys}, batch_sharding)
+                state, metrics = step_fn(state, batch)
+                step += 1
+                pending.append(metrics)
+                if step % config.train.log_every_steps == 0 or step == num_steps:
+                    averaged = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+                    pending.clear()
+                    averaged["examples_per_s"] = progress.report(step, averaged)
+                    writer.write(step, "train", averaged)
+                evaluated = step % config.train.eval_every_steps == 0 or step == num_steps
+                if evaluated:
+                    last_eval = (step, evaluate_all(step))
+                stopping = stop.requested()
+                if stopping or evaluated or step % config.checkpoint.every_steps == 0:
+                    checkpointer.save(step, state, train_iter, flat(last_eval[1]) if evaluated else None)
+                if stopping:
+                    log_lib.console(f"stopped at step {step} after a signal; checkpoint saved. Re-run to resume.")
+                    return {"preempted": True, "step": step}
+        train_seconds = time.perf_counter() - train_start
+        final = last_eval[1] if last_eval and last_eval[0] == num_steps else evaluate_all(num_steps)
+    finally:
+        checkpointer.close()
+        writer.close()
     results = {
         "name": config.get("name", ""),
         "workdir": workdir,

@@ -164,3 +164,15 @@ def test_sgd_with_momentum_and_constant_schedule_train(av_digits_dir, tmp_path):
     records = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
     losses = [r["loss"] for r in records if r["split"] == "train"]
     assert np.all(np.isfinite(losses)) and results["steps"] == 6
+
+
+def test_partial_checkpoint_write_is_ignored(uninterrupted, av_digits_dir, tmp_path):
+    """A crash during a checkpoint write leaves only Orbax's temporary directory: it is never resumed from."""
+    reference_dir, _ = uninterrupted
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_dir, workdir)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    os.rename(os.path.join(checkpoints, "6"), os.path.join(checkpoints, "6.orbax-checkpoint-tmp-1234567"))
+    results = loop.run(tiny_config(av_digits_dir), workdir)
+    assert results["resumed_from_step"] == 4
+    assert_trees_identical(final_params(workdir, 6), final_params(reference_dir, 6))
