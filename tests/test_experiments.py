@@ -9,9 +9,8 @@ import sys
 import pytest
 
 import experiments
-from tests.conftest import tiny_overrides
+from tests.conftest import REPO_ROOT, tiny_overrides
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Per experiment: the overrides that make it tiny. A new experiment without an entry fails the first test.
 TINY = {
@@ -29,7 +28,7 @@ def test_every_experiment_has_a_tiny_configuration():
 def test_experiment_runs_from_the_command_line(name, av_digits_dir, tmp_path):
     overrides = [f"--config.{o}" for o in TINY[name](av_digits_dir)]
     command = [sys.executable, "-m", f"experiments.{name}", "--workdir", str(tmp_path), *overrides]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "| model (test) | accuracy | macro_f1 |" in result.stdout
     summary = json.load(open(os.path.join(tmp_path, "summary.json")))
@@ -40,8 +39,8 @@ def test_experiment_runs_from_the_command_line(name, av_digits_dir, tmp_path):
 
 def test_experiment_help_and_bad_override(tmp_path):
     command = [sys.executable, "-m", "experiments.av_digits", "--help"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--workdir" in result.stdout and "python -m experiments.av_digits" in result.stdout
     command = [sys.executable, "-m", "experiments.av_digits", "--workdir", str(tmp_path), "--config.optimizer.lr=x"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "config key 'optimizer.lr' expects float" in result.stderr

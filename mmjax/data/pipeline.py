@@ -1,8 +1,8 @@
 """The input pipeline: Grain over a random-access source -> per-process batches -> global sharded jax.Arrays.
 
 Every process reads only its own rows of each global batch (after one global shuffle), so the global batch of
-step k holds the same examples in the same order whatever the number of processes or devices. The training iterator's
-position is checkpointed (Grain `get_state`/`set_state`), so a resumed run sees exactly the batches it would
+step k holds the same examples in the same order whatever the number of processes or devices. The training
+iterator's position is checkpointed (Grain `get_state`/`set_state`), so a resumed run sees exactly the batches it would
 have seen.
 """
 

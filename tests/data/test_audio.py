@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from mmjax.data import audio, espeak
+from tests.conftest import REPO_ROOT
 
 SR = 8000
 N_FFT = 256
 HOP = 160
 N_MELS = 40
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _tone(freq_hz, seconds=1.0, sample_rate=SR, amplitude=0.5):

@@ -17,9 +17,9 @@ import tensorflow_datasets as tfds
 from sklearn.datasets import load_digits
 
 from mmjax.data import av_digits
+from tests.conftest import REPO_ROOT
 
 N_IMAGES = 1797
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,9 @@ import time
 import numpy as np
 
 from mmjax.train import loop
-from tests.conftest import tiny_overrides
+from tests.conftest import REPO_ROOT, tiny_overrides
 from tests.train.test_loop import tiny_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def experiment_command(workdir, data_dir, *extra_args, **overrides):
@@ -46,7 +45,7 @@ def test_one_device_eight_devices_and_two_processes_agree(av_digits_dir, tmp_pat
     loop.run(tiny_config(av_digits_dir), eight)
 
     one = str(tmp_path / "one")
-    subprocess.run(experiment_command(one, av_digits_dir), env=cpu_env(1), cwd=REPO, check=True, timeout=300)
+    subprocess.run(experiment_command(one, av_digits_dir), env=cpu_env(1), cwd=REPO_ROOT, check=True, timeout=300)
 
     two = str(tmp_path / "two")
     port = free_port()
@@ -54,7 +53,7 @@ def test_one_device_eight_devices_and_two_processes_agree(av_digits_dir, tmp_pat
         subprocess.Popen(
             experiment_command(two, av_digits_dir, f"--coordinator_address=127.0.0.1:{port}",
                                "--num_processes=2", f"--process_id={i}"),
-            env=cpu_env(4), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=cpu_env(4), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(2)
     ]
@@ -79,7 +78,7 @@ def test_one_device_eight_devices_and_two_processes_agree(av_digits_dir, tmp_pat
 def test_sigterm_saves_a_checkpoint_and_exits_75(av_digits_dir, tmp_path):
     workdir = str(tmp_path)
     command = experiment_command(workdir, av_digits_dir, **{"train.num_steps": 10_000, "checkpoint.every_steps": 1000})
-    proc = subprocess.Popen(command, env=cpu_env(1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, env=cpu_env(1), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = os.path.join(workdir, "early", "metrics.jsonl")
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
