@@ -28,6 +28,8 @@ setup(
         "tensorboardX>=2.6,<3",
         "matplotlib>=3.9,<4",
         "espeakng-loader>=0.2.4,<0.3",
+        "tokenizers>=0.21,<0.24",
+        "safetensors>=0.5,<0.9",
     ],
     extras_require={"test": ["pytest>=8,<10"]},
 )

@@ -13,10 +13,12 @@ Dtype = Any
 
 @flax.struct.dataclass
 class EncoderOutput:
-    """What every encoder returns: token features `[B, T, D]` and a pooled summary `[B, D]`."""
+    """What every encoder returns: token features `[B, T, D]`, a pooled summary `[B, D]` and, when some tokens are
+    padding (text), their `[B, T]` mask (1 = real token; None = all real)."""
 
     tokens: jax.Array
     pooled: jax.Array
+    mask: jax.Array | None = None
 
 
 def check_rank(name: str, x: jax.Array, rank: int, layout: str) -> None:

@@ -1,0 +1,156 @@
+"""Transformer building blocks shared by the ViT, text, AST encoders and the attention-based fusions.
+
+One block class serves self-attention (`context=None`) and cross-attention (queries from `x`, keys/values from
+`context`), pre-LN (ViT, CLIP) or post-LN (BERT). Token masks are `[B, T]` arrays of 1 (real token) / 0 (padding).
+Parameter names (`attention/{query,key,value,out}`, `ln_attention`, `mlp/{fc1,fc2}`, `ln_mlp`) are what
+`mmjax.nn.pretrained` maps HuggingFace checkpoints onto.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.nn.common import Dtype
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy(name: str):
+    """`jax.checkpoint` policy for a config name: full recomputes everything, dots saves matmul outputs."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; valid: {', '.join(REMAT_POLICIES)}")
+    return {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}.get(name)
+
+
+def maybe_remat(module_cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...]) -> type[nn.Module]:
+    """`nn.remat(module_cls)` with the named policy, or the class unchanged for "none".
+
+    `static_argnums` counts `self` as 0 (Flax's convention for lifted transforms).
+    """
+    if policy == "none":
+        remat_policy(policy)  # Validates the name.
+        return module_cls
+    return nn.remat(module_cls, policy=remat_policy(policy), static_argnums=static_argnums)
+
+
+def attention_mask(
+    query_mask: jax.Array | None, key_mask: jax.Array | None, causal_length: int | None = None
+) -> jax.Array | None:
+    """`[B, 1, Tq, Tk]` boolean mask from per-token masks (and causality when `causal_length` is given)."""
+    mask = None
+    if query_mask is not None or key_mask is not None:
+        if query_mask is None:
+            query_mask = jnp.ones(key_mask.shape[:1] + (1,), bool)
+        if key_mask is None:
+            key_mask = jnp.ones(query_mask.shape[:1] + (1,), bool)
+        mask = nn.make_attention_mask(query_mask.astype(bool), key_mask.astype(bool))
+    if causal_length is not None:
+        causal = nn.make_causal_mask(jnp.ones((1, causal_length), bool))
+        mask = causal if mask is None else nn.combine_masks(mask, causal)
+    return mask
+
+
+class MlpBlock(nn.Module):
+    """Dense -> GELU -> dropout -> Dense, the transformer's feed-forward layer."""
+
+    hidden: int
+    dropout: float = 0.0
+    gelu_approximate: bool = False
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+        width = x.shape[-1]
+        x = nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x), approximate=self.gelu_approximate)
+        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
+
+
+class TransformerBlock(nn.Module):
+    """Multi-head attention + MLP with residuals, pre-LN or post-LN.
+
+    `mask` is the `[B, 1, Tq, Tk]` attention mask (see `attention_mask`); `context` (optional) supplies keys and
+    values for cross-attention. Softmax runs in float32 whatever the compute dtype.
+    """
+
+    num_heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    pre_norm: bool = True
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = False
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None, context: jax.Array | None, deterministic: bool
+    ) -> jax.Array:
+        norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
+        attention = nn.MultiHeadDotProductAttention(
+            num_heads=self.num_heads,
+            dtype=self.dtype,
+            dropout_rate=self.attention_dropout,
+            force_fp32_for_softmax=True,
+            name="attention",
+        )
+        mlp = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype, name="mlp")
+        drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)  # noqa: E731
+        if self.pre_norm:
+            y = norm("ln_attention")(x)
+            kv = y if context is None else context
+            x = x + drop(attention(y, kv, mask=mask, deterministic=deterministic))
+            return x + drop(mlp(norm("ln_mlp")(x), deterministic))
+        kv = x if context is None else context
+        x = norm("ln_attention")(x + drop(attention(x, kv, mask=mask, deterministic=deterministic)))
+        return norm("ln_mlp")(x + drop(mlp(x, deterministic)))
+
+
+class Transformer(nn.Module):
+    """A stack of `num_layers` self-attention blocks (`layer_{i}`), with a final LayerNorm when pre-LN.
+
+    `token_mask` is `[B, T]` (1 = real token); `causal=True` lets each token see only itself and earlier ones.
+    `remat` ("none" / "full" / "dots") rematerialises each block in the backward pass.
+    """
+
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    pre_norm: bool = True
+    causal: bool = False
+    layer_norm_eps: float = 1e-6
+    gelu_approximate: bool = False
+    remat: str = "none"
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None, *, train: bool) -> jax.Array:
+        mask = attention_mask(token_mask, token_mask, x.shape[1] if self.causal else None)
+        block = maybe_remat(TransformerBlock, self.remat, static_argnums=(4,))
+        for i in range(self.num_layers):
+            x = block(
+                num_heads=self.num_heads,
+                mlp_dim=self.mlp_dim,
+                dropout=self.dropout,
+                attention_dropout=self.attention_dropout,
+                pre_norm=self.pre_norm,
+                layer_norm_eps=self.layer_norm_eps,
+                gelu_approximate=self.gelu_approximate,
+                dtype=self.dtype,
+                name=f"layer_{i}",
+            )(x, mask, None, not train)
+        if self.pre_norm:
+            x = nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name="ln_final")(x)
+        return x
+
+
+def masked_mean(tokens: jax.Array, token_mask: jax.Array | None) -> jax.Array:
+    """Mean over the real tokens of `[B, T, D]` (all tokens when `token_mask` is None)."""
+    if token_mask is None:
+        return tokens.mean(axis=1)
+    weights = token_mask.astype(tokens.dtype)[..., None]
+    return (tokens * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
