@@ -50,7 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
         ),
         fusion=dict(name="concat"),
         head=dict(name="classifier", hidden=(128,), dropout=0.2),
+        modality_dropout=0.0,  # Training only: drop each modality of each example with this probability.
     )
+    config.task = dict(name="classification")  # With data.target: "digit"; see experiments/av_digits_tasks.py.
     config.optimizer = dict(
         name="adamw",  # or "sgd" (momentum, nesterov)
         lr=2e-3,
@@ -64,7 +66,12 @@ def get_config() -> ml_collections.ConfigDict:
         nesterov=False,
         grad_clip_norm=1.0,  # global norm; 0 disables clipping
     )
-    config.train = dict(num_steps=600, log_every_steps=50, eval_every_steps=200)
+    config.train = dict(
+        num_steps=600,
+        log_every_steps=50,
+        eval_every_steps=200,
+        frozen=(),  # Regexes of parameter paths to lock (no gradient, no optimizer state), e.g. "encoders_image".
+    )
     config.eval = dict(splits=("validation", "test"))
     config.checkpoint = dict(every_steps=200, keep=2, best_metric="validation/accuracy", best_mode="max")
     return config

@@ -23,6 +23,7 @@ class Dataset:
 
     `source(split)` returns a random-access sequence of raw examples; `preprocess(example)` turns one into model
     inputs (one array per modality key plus `label`). `preprocess` must be picklable (Grain worker processes).
+    `task` names the label type (see `mmjax.tasks`); `num_classes` is the number of outputs it needs.
     """
 
     name: str
@@ -32,6 +33,7 @@ class Dataset:
     num_classes: int
     modalities: tuple[str, ...]
     class_names: tuple[str, ...] = ()
+    task: str = "classification"
 
 
 def build_on_process_zero(build: Callable[[], Any]) -> Any:
@@ -54,14 +56,43 @@ def get_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     return DATASETS.get(data_config.name)(data_config)
 
 
+AV_DIGITS_TARGETS = {"digit": "classification", "value": "regression", "digit_pair": "multilabel"}
+
+
+class PairedSource:
+    """AV-Digits with each image paired to the speech of another example of the same split (fixed permutation).
+
+    Example i keeps its image and takes the audio of example `perm[i]`: its two digits usually differ, so a
+    multi-label target {image digit, spoken digit} needs both modalities.
+    """
+
+    def __init__(self, source, seed: int = 20261123):
+        self.source = source
+        self.partner = np.random.default_rng(seed).permutation(len(source))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        example = dict(self.source[int(index)])
+        partner = self.source[int(self.partner[int(index)])]
+        example["audio"], example["audio_label"] = partner["audio"], partner["label"]
+        return example
+
+
 @dataclasses.dataclass(frozen=True)
 class AvDigitsPreprocess:
-    """AV-Digits example -> model inputs: image in [-1, 1]; audio as a per-utterance normalised log-mel."""
+    """AV-Digits example -> model inputs: image in [-1, 1]; audio as a per-utterance normalised log-mel.
+
+    `target`: "digit" (class id), "value" (the digit as a float, for regression), "digit_pair" (multi-hot of the
+    image's digit and the partner utterance's digit, see `PairedSource`).
+    """
 
     sample_rate: int
     n_fft: int
     hop_length: int
     n_mels: int
+    target: str = "digit"
 
     def __call__(self, example: Mapping[str, Any]) -> Example:
         from mmjax.data.audio import log_mel_spectrogram
@@ -72,13 +103,28 @@ class AvDigitsPreprocess:
             waveform, self.sample_rate, n_fft=self.n_fft, hop_length=self.hop_length, n_mels=self.n_mels
         )
         mel = (mel - mel.mean()) / (mel.std() + 1e-5)
-        return {"image": image, "audio": mel.astype(np.float32), "label": np.int32(example["label"])}
+        if self.target == "value":
+            label = np.float32(example["label"])
+        elif self.target == "digit_pair":
+            label = np.zeros(10, np.float32)
+            label[[int(example["label"]), int(example["audio_label"])]] = 1.0
+        else:
+            label = np.int32(example["label"])
+        return {"image": image, "audio": mel.astype(np.float32), "label": label}
 
 
 @DATASETS.register("av_digits")
 def av_digits(data_config: ml_collections.ConfigDict) -> Dataset:
-    """AV-Digits: scikit-learn's handwritten digits paired with eSpeak NG spoken digits (see mmjax.data.av_digits)."""
+    """AV-Digits: scikit-learn's handwritten digits paired with eSpeak NG spoken digits (see mmjax.data.av_digits).
+
+    `data.target` picks the label: "digit" (default, 10 classes), "value" (regression) or "digit_pair"
+    (multi-label over 10 digits, each image paired with another example's speech).
+    """
     from mmjax.data import av_digits as builder_module
+
+    target = data_config.get("target", "digit")
+    if target not in AV_DIGITS_TARGETS:
+        raise ValueError(f"config data.target={target!r}; valid: {', '.join(AV_DIGITS_TARGETS)}")
 
     builder = build_on_process_zero(lambda: builder_module.build(data_config.get("data_dir") or None))
     audio = data_config.get("audio", ml_collections.ConfigDict())
@@ -87,14 +133,20 @@ def av_digits(data_config: ml_collections.ConfigDict) -> Dataset:
         n_fft=audio.get("n_fft", builder_module.N_FFT),
         hop_length=audio.get("hop_length", builder_module.HOP_LENGTH),
         n_mels=audio.get("n_mels", builder_module.N_MELS),
+        target=target,
     )
     label = builder.info.features["label"]
+    if target == "digit_pair":
+        source = lambda split: PairedSource(builder.as_data_source(split=split))  # noqa: E731
+    else:
+        source = lambda split: builder.as_data_source(split=split)  # noqa: E731
     return Dataset(
         name="av_digits",
-        source=lambda split: builder.as_data_source(split=split),
+        source=source,
         preprocess=preprocess,
         splits={name: info.num_examples for name, info in builder.info.splits.items()},
-        num_classes=label.num_classes,
+        num_classes=1 if target == "value" else label.num_classes,
         modalities=("audio", "image"),
-        class_names=tuple(label.names),
+        class_names=("value",) if target == "value" else tuple(label.names),
+        task=AV_DIGITS_TARGETS[target],
     )

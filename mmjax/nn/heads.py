@@ -27,3 +27,8 @@ class ClassifierHead(nn.Module):
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
         x = MLP(self.hidden, dropout=self.dropout, dtype=self.dtype)(x, train=train)
         return nn.Dense(self.num_classes, dtype=jnp.float32)(x)
+
+
+@HEADS.register("regressor")
+class RegressorHead(ClassifierHead):
+    """An MLP ending in `num_classes` real-valued outputs (the regression targets), in float32."""

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 # Importing the module files registers their encoders, fusions and heads.
@@ -23,11 +24,14 @@ class MultimodalModel(nn.Module):
 
     `batch` is a dict with one array per modality key of `encoders` (leading batch axis) and optional
     `<modality>_mask` arrays of shape `[B]` marking examples where that modality is missing.
+    `modality_dropout` (training only) drops each present modality of each example with that probability, as a
+    missing modality is dropped (through its mask); an example that would lose all its modalities keeps them.
     """
 
     encoders: Mapping[str, nn.Module]
     fusion: nn.Module
     head: nn.Module | None
+    modality_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, batch: Mapping[str, jax.Array], *, train: bool) -> jax.Array:
@@ -39,8 +43,21 @@ class MultimodalModel(nn.Module):
             )
         features = {m: self.encoders[m](batch[m], train=train) for m in sorted(self.encoders)}
         masks = {m: batch[f"{m}_mask"] for m in features if f"{m}_mask" in batch}
+        if train and self.modality_dropout > 0 and len(features) > 1:
+            masks = self._drop_modalities(masks, features)
         fused = self.fusion(features, masks=masks or None, train=train)
         return fused if self.head is None else self.head(fused, train=train)
+
+    def _drop_modalities(self, masks: dict, features: dict) -> dict:
+        modalities = sorted(features)
+        batch = features[modalities[0]].pooled.shape[0]
+        present = jnp.stack(
+            [jnp.asarray(masks[m], jnp.float32) if m in masks else jnp.ones((batch,)) for m in modalities], axis=1
+        )
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.modality_dropout, present.shape)
+        kept = present * keep
+        kept = jnp.where(kept.sum(axis=1, keepdims=True) > 0, kept, present)
+        return {m: kept[:, i] for i, m in enumerate(modalities)}
 
 
 def _build(registry: Registry, cfg: ml_collections.ConfigDict, where: str, **extra: Any):
@@ -72,6 +89,9 @@ def build_model(model_config: ml_collections.ConfigDict) -> MultimodalModel:
     }
     head = _build(HEADS, model_config.head, "model.head", num_classes=model_config.num_classes)
     fusion = _build(FUSIONS, model_config.fusion, "model.fusion")
+    dropout = model_config.get("modality_dropout", 0.0)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"config model.modality_dropout={dropout} must be in [0, 1)")
     if fusion.func.produces_logits:  # Decision-level: the fusion owns one head per modality.
-        return MultimodalModel(encoders=encoders, fusion=fusion(head=head), head=None)
-    return MultimodalModel(encoders=encoders, fusion=fusion(), head=head())
+        return MultimodalModel(encoders=encoders, fusion=fusion(head=head), head=None, modality_dropout=dropout)
+    return MultimodalModel(encoders=encoders, fusion=fusion(), head=head(), modality_dropout=dropout)

@@ -47,6 +47,7 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self._best_metric, self._best_mode = best_metric, best_mode
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -65,6 +66,19 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
         )
         return self._manager.restore(step, args=args).state
+
+    def restore_state(self, step: int, abstract_state: Any) -> Any:
+        """Restores only the train state of `step` (for evaluation; the data position is not needed)."""
+        return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+
+    def best_step(self) -> int:
+        """The kept step with the best `best_metric` value (error when no step recorded it)."""
+        if not self._best_metric:
+            raise ValueError("no checkpoint.best_metric is configured, so there is no best step")
+        scored = [(m[self._best_metric], s) for s in self.all_steps() if (m := self.metrics(s)) and self._best_metric in m]
+        if not scored:
+            raise ValueError(f"no checkpoint in {self.directory} recorded {self._best_metric!r}")
+        return (max if self._best_mode == "max" else min)(scored)[1]
 
     def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[int, Any] | None:
         """Restores the newest step that restores cleanly; returns (step, state) or None when there is none.

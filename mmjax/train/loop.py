@@ -7,6 +7,7 @@ curves.png.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -24,12 +25,13 @@ from mmjax import config as config_lib
 from mmjax import logging as log_lib
 from mmjax.data import pipeline
 from mmjax.data.datasets import Dataset, get_dataset
-from mmjax.metrics import classification_metrics
-from mmjax.nn.model import build_model
+from mmjax.nn.model import MultimodalModel, build_model
+from mmjax.tasks import build_task
 from mmjax.train import parallel
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.optimizer import build_optimizer
-from mmjax.train.step import eval_step, init_state, train_step
+from mmjax.train.state import TrainState
+from mmjax.train.step import check_frozen, eval_step, init_state, split_params, train_step
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT after saving; re-run the command to resume.
 INPUTS_FILENAME = "model_inputs.json"
@@ -57,10 +59,15 @@ def _check_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> None:
             f"config model.encoders names modality {unknown} but dataset {dataset.name!r} provides "
             f"{list(dataset.modalities)}"
         )
+    task_name = config.get("task", {}).get("name", "classification")
+    if task_name != dataset.task:
+        raise ValueError(
+            f"config task.name={task_name!r} but dataset {dataset.name!r} provides {dataset.task!r} labels"
+        )
     if config.model.num_classes != dataset.num_classes:
         raise ValueError(
             f"config model.num_classes={config.model.num_classes} but dataset {dataset.name!r} has "
-            f"{dataset.num_classes} classes"
+            f"{dataset.num_classes} {'outputs' if dataset.task == 'regression' else 'classes'}"
         )
     for key in (config.data.train_split, *config.eval.splits):
         if key not in dataset.splits:
@@ -142,26 +149,121 @@ class _StopRequest:
         return flag
 
 
-def _evaluate(eval_fn, params, dataset: Dataset, split: str, config, sharding) -> dict:
-    """Exact metrics over a whole split: every example once, padding removed."""
+def evaluate_batches(eval_fn, state: TrainState, batches, task, keys, sharding) -> dict:
+    """Exact metrics over every valid example of `batches` (host batches; padding rows removed)."""
     from jax.experimental import multihost_utils
 
     outputs: dict[str, list[np.ndarray]] = {}
-    for batch in pipeline.eval_batches(dataset, split, global_batch_size=config.data.eval_batch_size):
-        result = eval_fn(params, pipeline.to_global(batch, sharding))
+    for batch in batches:
+        global_batch = pipeline.to_global({k: batch[k] for k in (*keys, pipeline.VALID_KEY)}, sharding)
+        result = eval_fn(state.params, state.model_state, global_batch)
         for key, value in multihost_utils.process_allgather(result, tiled=True).items():
             outputs.setdefault(key, []).append(np.asarray(value))
     merged = {k: np.concatenate(v) for k, v in outputs.items()}
-    valid = merged["valid"].astype(bool)
-    metrics = classification_metrics(
-        merged["label"][valid], merged["prediction"][valid], dataset.num_classes, dataset.class_names
-    )
-    metrics["loss"] = float(merged["loss"][valid].mean())
+    valid = merged.pop("valid").astype(bool)
+    merged = {k: v[valid] for k, v in merged.items()}
+    metrics = task.metrics(merged, merged["label"])
+    metrics["loss"] = float(merged["loss"].mean())
     return metrics
 
 
 def _scalars(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num_examples"}
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run builds from its config before touching the workdir: data, model, task, state layout."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    dataset: Dataset
+    model: MultimodalModel
+    task: Any
+    keys: list[str]  # Batch keys the model consumes (modalities, their masks, label).
+    spec: dict
+    tx: Any
+    frozen: tuple[str, ...]
+    init_fn: Any
+    abstract_state: TrainState  # Shapes, dtypes and shardings of the state.
+    state_sharding: Any
+    batch_sharding: Any
+    replicated: Any
+
+    def eval_fn(self):
+        return jax.jit(
+            functools.partial(eval_step, model=self.model, task=self.task),
+            in_shardings=(self.state_sharding.params, self.state_sharding.model_state, self.batch_sharding),
+            out_shardings=self.batch_sharding,
+        )
+
+    def evaluate(self, eval_fn, state: TrainState, split: str, batches=None) -> dict:
+        """Metrics of `state` over a whole split (or over the given host batches, e.g. corrupted ones)."""
+        if batches is None:
+            batches = pipeline.eval_batches(self.dataset, split, global_batch_size=self.config.data.eval_batch_size)
+        return evaluate_batches(eval_fn, state, batches, self.task, self.keys, self.batch_sharding)
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+    """Validates `config` and builds the dataset, model, task, optimizer and the abstract (sharded) state."""
+    validate(config)
+    mesh = parallel.make_mesh()
+    batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    dataset = get_dataset(config.data)
+    if config.data.cache_in_memory:
+        dataset = pipeline.cache_in_memory(dataset)
+    _check_dataset(config, dataset)
+    model = build_model(config.model)
+    task = build_task(config.get("task"), config.model.num_classes, dataset.class_names)
+    full_spec = pipeline.input_spec(dataset, config.data.train_split)
+    modalities = sorted(config.model.encoders)
+    keys = modalities + [f"{m}_mask" for m in modalities if f"{m}_mask" in full_spec] + ["label"]
+    spec = {k: full_spec[k] for k in keys}
+    frozen = tuple(config.train.get("frozen", ()))
+    tx = build_optimizer(config.optimizer, config.train.num_steps)
+    example = {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in spec.items()}
+    init_fn = functools.partial(init_state, model, tx, example, frozen=frozen)
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
+    check_frozen(abstract.params, frozen)
+    state_sharding = jax.tree_util.tree_map(lambda _: replicated, abstract)
+    abstract = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding
+    )
+    return Setup(config, mesh, dataset, model, task, keys, spec, tx, frozen, init_fn, abstract, state_sharding,
+                 batch_sharding, replicated)
+
+
+def count_parameters(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+
+
+def load_trained(workdir: str, step: int | str = "latest") -> tuple[Setup, TrainState]:
+    """The setup and train state of a trained workdir (its saved config), for evaluation or analysis.
+
+    `step` is "latest", "best" (by the config's `checkpoint.best_metric`) or a step number.
+    """
+    config = config_lib.load(os.path.join(workdir, config_lib.CONFIG_FILENAME))
+    s = setup(config)
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=config.checkpoint.keep,
+        best_metric=config.checkpoint.best_metric or None,
+        best_mode=config.checkpoint.best_mode,
+    )
+    try:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints")
+        if step == "latest":
+            step = steps[-1]
+        elif step == "best":
+            step = checkpointer.best_step()
+        if step not in steps:
+            raise ValueError(f"checkpoint step {step} is not in {workdir}/checkpoints (steps: {steps})")
+        state = checkpointer.restore_state(step, s.abstract_state)
+    finally:
+        checkpointer.close()
+    return s, state
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -170,19 +272,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     If SIGTERM/SIGINT arrives, the current step finishes, a checkpoint is written and the returned dict has
     `preempted: True`; running again resumes exactly where it stopped.
     """
-    validate(config)
     workdir = os.path.abspath(workdir)
-    mesh = parallel.make_mesh()
-    batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-
-    dataset = get_dataset(config.data)
-    if config.data.cache_in_memory:
-        dataset = pipeline.cache_in_memory(dataset)
-    _check_dataset(config, dataset)
-    model = build_model(config.model)
-    keys = sorted(config.model.encoders) + ["label"]
-    full_spec = pipeline.input_spec(dataset, config.data.train_split)
-    spec = {k: full_spec[k] for k in keys}
+    s = setup(config)
+    dataset, keys, spec = s.dataset, s.keys, s.spec
     _check_workdir(workdir, config, spec)
     if log_lib.is_primary():
         config_lib.save(config, workdir)
@@ -190,16 +282,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             json.dump(spec, f, indent=2)
 
     num_steps = config.train.num_steps
-    tx = build_optimizer(config.optimizer, num_steps)
-    example = {k: np.zeros((1, *shape), dtype) for k, (shape, dtype) in spec.items()}
-    init_fn = functools.partial(init_state, model, tx, example)
-    rng = jax.random.PRNGKey(config.seed)
-    abstract = jax.eval_shape(init_fn, rng)
-    state_sharding = jax.tree_util.tree_map(lambda _: replicated, abstract)
-    abstract = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding
-    )
-
     train_iter = iter(
         pipeline.train_dataset(
             dataset,
@@ -217,9 +299,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         best_mode=config.checkpoint.best_mode,
     )
     writer = log_lib.MetricWriter(workdir)
-    restored = checkpointer.restore_latest(abstract, train_iter)
+    restored = checkpointer.restore_latest(s.abstract_state, train_iter)
     if restored is None:
-        state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+        state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
         start_step = 0
         writer.truncate_after(0)
     else:
@@ -227,27 +309,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer.truncate_after(start_step)
         log_lib.console(f"resumed from step {start_step} in {workdir}")
 
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(abstract.params))
+    num_params = count_parameters(s.abstract_state.params)
+    frozen_note = ""
+    if s.frozen:
+        frozen_note = f" ({count_parameters(split_params(s.abstract_state.params, s.frozen)[1]):,} frozen)"
     log_lib.console(
-        f"{config.get('name', 'run')}: {num_params:,} parameters | {jax.device_count()} device(s) on "
+        f"{config.get('name', 'run')}: {num_params:,} parameters{frozen_note} | {jax.device_count()} device(s) on "
         f"{jax.process_count()} process(es) | batch {config.data.batch_size} | {num_steps} steps | {workdir}"
     )
     step_fn = jax.jit(
-        functools.partial(train_step, model=model, tx=tx),
-        in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, replicated),
+        functools.partial(train_step, model=s.model, tx=s.tx, task=s.task, frozen=s.frozen),
+        in_shardings=(s.state_sharding, s.batch_sharding),
+        out_shardings=(s.state_sharding, s.replicated),
         donate_argnums=0,
     )
-    eval_fn = jax.jit(
-        functools.partial(eval_step, model=model),
-        in_shardings=(state_sharding.params, batch_sharding),
-        out_shardings=batch_sharding,
-    )
+    eval_fn = s.eval_fn()
 
     def evaluate_all(step: int) -> dict[str, dict]:
         results = {}
         for split in config.eval.splits:
-            results[split] = _evaluate(eval_fn, state.params, dataset, split, config, batch_sharding)
+            results[split] = s.evaluate(eval_fn, state, split)
             writer.write(step, split, _scalars(results[split]))
             shown = " | ".join(f"{k} {v:.4f}" for k, v in _scalars(results[split]).items())
             log_lib.console(f"eval {split} @ step {step}: {shown}")
@@ -261,27 +342,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     pending: list[dict[str, jax.Array]] = []
     last_eval: tuple[int, dict] | None = None
     step = start_step
+    step_times: list[float] = []  # Seconds per step over each logging window (after the first, compiled one).
+    window_start, window_steps = None, 0
     train_start = time.perf_counter()
     try:  # Whatever happens, pending checkpoint writes are finished and logs flushed.
         with stop.installed():
             while step < num_steps:
                 host_batch = next(train_iter)
                 pipeline.check_batch(host_batch, spec, pipeline.local_batch_size(config.data.batch_size))
-                batch = pipeline.to_global({k: host_batch[k] for k in keys}, batch_sharding)
+                batch = pipeline.to_global({k: host_batch[k] for k in keys}, s.batch_sharding)
                 state, metrics = step_fn(state, batch)
                 step += 1
+                window_steps += 1
                 pending.append(metrics)
                 if step % config.train.log_every_steps == 0 or step == num_steps:
                     averaged = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
                     pending.clear()
+                    now = time.perf_counter()
+                    if window_start is not None:
+                        step_times.append((now - window_start) / window_steps)
+                    window_start, window_steps = now, 0
                     averaged["examples_per_s"] = progress.report(step, averaged)
                     writer.write(step, "train", averaged)
                 evaluated = step % config.train.eval_every_steps == 0 or step == num_steps
                 if evaluated:
                     last_eval = (step, evaluate_all(step))
+                    window_start, window_steps = None, 0  # Evaluation time is not step time.
                 stopping = stop.requested()
                 if stopping or evaluated or step % config.checkpoint.every_steps == 0:
                     checkpointer.save(step, state, train_iter, flat(last_eval[1]) if evaluated else None)
+                    window_start, window_steps = None, 0
                 if stopping:
                     log_lib.console(f"stopped at step {step} after a signal; checkpoint saved. Re-run to resume.")
                     return {"preempted": True, "step": step}
@@ -296,6 +386,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "steps": num_steps,
         "resumed_from_step": start_step,
         "train_seconds_this_run": round(train_seconds, 2),
+        "step_time_s": float(np.median(step_times)) if step_times else None,
         "num_parameters": num_params,
         "devices": jax.device_count(),
         "processes": jax.process_count(),

@@ -11,13 +11,16 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
-    """Step counter, parameters, optimizer state and the run's base RNG key.
+    """Step counter, parameters, model state, optimizer state and the run's base RNG key.
 
+    `model_state` holds the non-trained variable collections (e.g. batch-norm `batch_stats`; `{}` when the model
+    has none). `opt_state` covers only the trainable parameters (frozen ones have none, see `step.py`).
     Each step's randomness is `fold_in(rng, step)`, so a resumed run draws exactly what an uninterrupted run would.
     """
 
     step: jax.Array
     params: Any
+    model_state: Any
     opt_state: optax.OptState
     rng: jax.Array
 
