@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
         name="av_digits",
         data_dir="",  # Empty: $TFDS_DATA_DIR or ~/tensorflow_datasets.
         train_split="train",
+        target="digit",  # "digit" (10 classes), "value" (regression), "digit_pair" (multi-label); see tasks.
         batch_size=64,
         eval_batch_size=256,
         num_threads=1,  # Measured: one Grain thread beats two for this in-memory data.
@@ -71,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
         log_every_steps=50,
         eval_every_steps=200,
         frozen=(),  # Regexes of parameter paths to lock (no gradient, no optimizer state), e.g. "encoders_image".
+        init_from={},  # Parameter subtree -> pretrained source, e.g. {"encoders_text": "minilm"}; see loop.py.
     )
     config.eval = dict(splits=("validation", "test"))
     config.checkpoint = dict(every_steps=200, keep=2, best_metric="validation/accuracy", best_mode="max")

