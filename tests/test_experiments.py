@@ -1,5 +1,6 @@
 """Every experiment module runs end to end, from its command line, in a tiny configuration (no bit rot)."""
 
+import csv
 import json
 import os
 import pkgutil
@@ -12,9 +13,52 @@ import experiments
 from tests.conftest import REPO_ROOT, tiny_overrides
 
 
-# Per experiment: the overrides that make it tiny. A new experiment without an entry fails the first test.
+def _check_av_digits(workdir, stdout):
+    assert "| model (test) | accuracy | macro_f1 |" in stdout
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert set(summary) == {"image", "audio", "early", "late"}
+    for splits in summary.values():
+        assert splits["test"]["num_examples"] == 360
+
+
+def _check_av_digits_tasks(workdir, stdout):
+    multilabel = json.load(open(os.path.join(workdir, "multilabel", "summary.json")))
+    regression = json.load(open(os.path.join(workdir, "regression", "summary.json")))
+    assert set(multilabel) == set(regression) == {"early", "late"}
+    assert 0 <= multilabel["early"]["test"]["mAP"] <= 1 and "micro_f1" in multilabel["late"]["test"]
+    assert regression["early"]["test"]["mae"] > 0 and "pearson" in regression["late"]["test"]
+
+
+def _check_fusion_benchmark(workdir, stdout):
+    from experiments.fusion_benchmark import METHODS
+
+    rows = list(csv.DictReader(open(os.path.join(workdir, "results.csv"))))
+    methods = [r["method"] for r in rows]
+    assert methods[: len(METHODS)] == list(METHODS)
+    assert {"classical_svm_average", "classical_svm_vote"} <= set(methods)
+    for row in rows[: len(METHODS)]:
+        assert 0 <= float(row["accuracy_mean"]) <= 1 and int(row["parameters"]) > 0
+        assert float(row["step_ms"]) > 0 and float(row["peak_memory_mb"]) > 0
+    for name in ("results.md", "robustness.md", "robustness.png", "benchmark.json"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0
+    robustness = json.load(open(os.path.join(workdir, "benchmark.json")))["robustness"]
+    assert len(robustness["concat"]["noise"]["audio"]) == 6 and set(robustness["concat"]["missing"]) == {
+        "audio", "image"}
+
+
+# Per experiment: the overrides that make it tiny and a check of its outputs. A new experiment without an entry
+# fails the first test.
 TINY = {
-    "av_digits": lambda data_dir: tiny_overrides(data_dir, **{"train.num_steps": 3, "train.eval_every_steps": 3}),
+    "av_digits": (lambda d: tiny_overrides(d, **{"train.num_steps": 3, "train.eval_every_steps": 3}), _check_av_digits),
+    "av_digits_tasks": (
+        lambda d: tiny_overrides(d, **{"train.num_steps": 3, "train.eval_every_steps": 3, "variants": "early,late"}),
+        _check_av_digits_tasks,
+    ),
+    "fusion_benchmark": (
+        lambda d: tiny_overrides(d, **{"train.num_steps": 3, "train.eval_every_steps": 3, "seeds": "0",
+                                       "classical.classifiers": "svm", "checkpoint.keep": 1}),
+        _check_fusion_benchmark,
+    ),
 }
 
 
@@ -26,15 +70,12 @@ def test_every_experiment_has_a_tiny_configuration():
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_experiment_runs_from_the_command_line(name, av_digits_dir, tmp_path):
-    overrides = [f"--config.{o}" for o in TINY[name](av_digits_dir)]
-    command = [sys.executable, "-m", f"experiments.{name}", "--workdir", str(tmp_path), *overrides]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    overrides, check = TINY[name]
+    command = [sys.executable, "-m", f"experiments.{name}", "--workdir", str(tmp_path)]
+    command += [f"--config.{o}" for o in overrides(av_digits_dir)]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "| model (test) | accuracy | macro_f1 |" in result.stdout
-    summary = json.load(open(os.path.join(tmp_path, "summary.json")))
-    assert set(summary) == {"image", "audio", "early", "late"}
-    for splits in summary.values():
-        assert splits["test"]["num_examples"] == 360
+    check(str(tmp_path), result.stdout)
 
 
 def test_experiment_help_and_bad_override(tmp_path):

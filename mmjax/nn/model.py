@@ -78,6 +78,11 @@ def _build(registry: Registry, cfg: ml_collections.ConfigDict, where: str, **ext
             f"valid fields: {', '.join(sorted(fields - set(extra)))}"
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    if isinstance(kwargs.get("dtype"), str):  # "bfloat16" from a config or the command line.
+        try:
+            kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+        except TypeError:
+            raise ValueError(f"config {where}.dtype={kwargs['dtype']!r} is not a dtype (e.g. bfloat16, float32)")
     return functools.partial(cls, **kwargs, **extra)
 
 

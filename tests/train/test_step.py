@@ -84,3 +84,26 @@ def test_modality_dropout_masks_modalities_in_training_only_and_never_all():
     assert 0 < (kept == 0).mean() < 0.5  # Some dropped, fewer than half (p=0.5, "all dropped" keeps both).
     with pytest.raises(ValueError, match="modality_dropout=1.0"):
         build_model(model_config(modality_dropout=1.0))
+
+
+def test_batch_norm_statistics_live_in_the_train_state_and_match_on_1_and_8_devices():
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    config = model_config()
+    config.encoders.image = dict(name="resnet", stage_sizes=(1,), width=4, stem="cifar")
+    config.encoders.image.dtype = "float32"  # A dtype given as a string, as on the command line.
+    model, tx, task = build_model(config), optax.sgd(0.1), build_task(None, 4)
+    state = init_state(model, tx, batch(1), jax.random.PRNGKey(0))
+    assert "batch_stats" in state.model_state
+    step = lambda s, b: train_step(s, b, model=model, tx=tx, task=task)  # noqa: E731
+    data = batch(16)
+    single, _ = jax.jit(step)(state, data)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    sharded_batch = jax.device_put(data, NamedSharding(mesh, P("data")))
+    replicated = jax.device_put(state, NamedSharding(mesh, P()))
+    multi, _ = jax.jit(step)(replicated, sharded_batch)
+    before = jax.tree_util.tree_leaves(state.model_state)
+    after_1, after_8 = jax.tree_util.tree_leaves(single.model_state), jax.tree_util.tree_leaves(multi.model_state)
+    assert any(np.any(a != b) for a, b in zip(before, after_1))
+    for a, b in zip(after_1, after_8):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
