@@ -2,6 +2,8 @@
 
 `--config.a.b=value` overrides any existing key. The value is parsed to the type the key already has, so an
 unknown key or a value of the wrong type fails at once with a message that names the key and the valid ones.
+A group is replaced whole by a dict literal (`--config.model.encoders.image="{'name': 'vit', 'patch_size': 2}"`);
+later overrides then refine it.
 """
 
 from __future__ import annotations
@@ -93,6 +95,16 @@ def parse_value(key: str, text: str, current: Any) -> Any:
     raise ConfigError(f"config key {key!r} expects {type(current).__name__}, got {text!r}")
 
 
+def _parse_group(key: str, text: str) -> dict:
+    try:
+        value = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"config key {key!r}: {text!r} is not a Python dict literal") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"config key {key!r} is a group: give a dict with string keys, got {text!r}")
+    return value
+
+
 def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
     """Sets the dotted `key` of `config` from its command-line text `text`, in place."""
     *parents, leaf = key.split(".")
@@ -106,9 +118,13 @@ def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
         raise _unknown_key(key, config)
     current = node[leaf]
     if isinstance(current, ml_collections.ConfigDict):
+        if text.strip().startswith("{"):  # Replace the whole group, e.g. an encoder by another one.
+            node[leaf] = ml_collections.ConfigDict(_parse_group(key, text))
+            return
         raise ConfigError(
             f"config key {key!r} is a group, not a value; set one of: "
             + ", ".join(f"{key}.{k}" for k in flat_keys(current))
+            + f", or replace it whole with a dict literal: --config.{key}=\"{{'name': ...}}\""
         )
     value = parse_value(key, text, current)
     try:

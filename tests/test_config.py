@@ -5,6 +5,7 @@ import pytest
 
 from mmjax import cli
 from mmjax import config as config_lib
+from mmjax.config import ConfigError, apply_overrides
 
 
 def _config():
@@ -101,3 +102,14 @@ def test_cli_rejects_stray_arguments(capsys):
     with pytest.raises(SystemExit):
         cli.parse(_config, ["--workdir", "/tmp/w", "--lr=1"])
     assert "unrecognised argument '--lr=1'" in capsys.readouterr().err
+
+
+def test_a_group_is_replaced_whole_by_a_dict_literal_and_then_refined():
+    base = ml_collections.ConfigDict({"model": {"encoders": {"image": {"name": "small_cnn", "features": (4,)}}}})
+    config = apply_overrides(base, ["model.encoders.image={'name': 'vit', 'patch_size': 2}",
+                                    "model.encoders.image.patch_size=4"])
+    assert config.model.encoders.image.to_dict() == {"name": "vit", "patch_size": 4}
+    with pytest.raises(ConfigError, match="is a group: give a dict"):
+        apply_overrides(base, ["model.encoders.image={1: 2}"])
+    with pytest.raises(ConfigError, match="replace it whole with a dict literal"):
+        apply_overrides(base, ["model.encoders.image=vit"])

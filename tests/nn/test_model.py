@@ -128,3 +128,23 @@ def test_max_pool_2x2_equals_flax_max_pool_and_its_gradient(shape):
     np.testing.assert_array_equal(max_pool_2x2(x), reference(x))
     grad = lambda f: jax.grad(lambda v: jnp.sum(f(v) * jnp.arange(f(v).size).reshape(f(v).shape)))(x)
     np.testing.assert_array_equal(grad(max_pool_2x2), grad(reference))
+
+
+@pytest.mark.parametrize(
+    "modality, encoder",
+    [
+        ("image", {"name": "vit", "patch_size": 2, "width": 16, "depth": 1, "num_heads": 2, "mlp_dim": 32}),
+        ("image", {"name": "resnet18", "width": 4, "stem": "cifar"}),
+        ("audio", {"name": "ast", "patch_time": 7, "patch_freq": 8, "width": 16, "depth": 1, "num_heads": 2}),
+    ],
+)
+def test_av_digits_experiment_takes_any_encoder_from_the_config(modality, encoder):
+    from experiments import av_digits
+    from mmjax.config import apply_overrides
+
+    config = apply_overrides(av_digits.get_config(), [f"model.encoders.{modality}={encoder!r}"])
+    model = build_model(config.model)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch(2), train=False))
+    assert f"encoders_{modality}" in shapes["params"]
+    out = jax.eval_shape(lambda v: model.apply(v, batch(2), train=False, mutable=["batch_stats"]), shapes)[0]
+    assert out.shape == (2, 10)
