@@ -29,14 +29,18 @@ def _check_av_digits_tasks(workdir, stdout):
     assert regression["early"]["test"]["mae"] > 0 and "pearson" in regression["late"]["test"]
 
 
-def _check_fusion_benchmark(workdir, stdout):
-    from experiments.fusion_benchmark import METHODS
+# Every fusion method's forward and backward pass is tested in tests/nn/test_fusion.py; the tiny benchmark run
+# covers each kind (unimodal, feature-level, transformer, decision-level) to keep CI short. All 19 methods ran
+# tiny in ~10 min on a loaded 2-core machine.
+TINY_METHODS = ("image_only", "audio_only", "concat", "tensor", "bottleneck", "late_product")
 
+
+def _check_fusion_benchmark(workdir, stdout):
     rows = list(csv.DictReader(open(os.path.join(workdir, "results.csv"))))
     methods = [r["method"] for r in rows]
-    assert methods[: len(METHODS)] == list(METHODS)
+    assert methods[: len(TINY_METHODS)] == list(TINY_METHODS)
     assert {"classical_svm_average", "classical_svm_vote"} <= set(methods)
-    for row in rows[: len(METHODS)]:
+    for row in rows[: len(TINY_METHODS)]:
         assert 0 <= float(row["accuracy_mean"]) <= 1 and int(row["parameters"]) > 0
         assert float(row["step_ms"]) > 0 and float(row["peak_memory_mb"]) > 0
     for name in ("results.md", "robustness.md", "robustness.png", "benchmark.json"):
@@ -56,7 +60,8 @@ TINY = {
     ),
     "fusion_benchmark": (
         lambda d: tiny_overrides(d, **{"train.num_steps": 3, "train.eval_every_steps": 3, "seeds": "0",
-                                       "classical.classifiers": "svm", "checkpoint.keep": 1}),
+                                       "classical.classifiers": "svm", "checkpoint.keep": 1,
+                                       "methods": ",".join(TINY_METHODS)}),
         _check_fusion_benchmark,
     ),
 }
