@@ -614,8 +614,10 @@ class BottleneckFusion(nn.Module):
             masks_fused[m.name] = attention_mask(
                 None, jnp.concatenate([key, jnp.ones((batch, self.num_bottlenecks), jnp.float32)], axis=1)
             )
-        bottleneck = self.param("bottleneck", init, (self.num_bottlenecks, self.dim), jnp.float32)
-        bottleneck = jnp.broadcast_to(bottleneck, (batch,) + bottleneck.shape)
+        bottleneck = None
+        if self.fusion_layer < self.num_layers:  # Otherwise no layer would use (or train) the bottleneck tokens.
+            bottleneck = self.param("bottleneck", init, (self.num_bottlenecks, self.dim), jnp.float32)
+            bottleneck = jnp.broadcast_to(bottleneck, (batch,) + bottleneck.shape)
         weights = _renormalise(_presence(modalities))  # [B, M]: mean over present modalities.
         any_present = weights.sum(axis=1) > 0
         block = maybe_remat(TransformerBlock, self.remat, static_argnums=(4,))

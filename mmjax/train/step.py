@@ -59,7 +59,8 @@ def init_state(
     params_rng, dropout_rng, state_rng = jax.random.split(rng, 3)
     variables = model.init({"params": params_rng, "dropout": dropout_rng}, example_batch, train=False)
     params = variables["params"]
-    model_state = {k: v for k, v in variables.items() if k != "params"}
+    # Sown values (`intermediates`, e.g. fusion weights for analysis) are outputs, not state: never carried.
+    model_state = {k: v for k, v in variables.items() if k not in ("params", "intermediates")}
     trainable, _ = split_params(params, frozen)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
