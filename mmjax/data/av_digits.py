@@ -69,9 +69,9 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core import writer as tfds_writer
-from tensorflow_datasets.proto import tf_example_pb2
 
 from mmjax.data import audio as audio_lib
+from mmjax.data.builder_utils import CanonicalExampleWriter
 from mmjax.data import espeak
 
 __all__ = [
@@ -303,23 +303,6 @@ def log_mel(clip: np.ndarray) -> np.ndarray:
     )
 
 
-class _CanonicalExampleWriter(tfds_writer.ExampleWriter):
-    """Re-serialises every tf.Example with its feature map sorted by key, then writes.
-
-    TFDS serialises with protobuf's default map order, which under the upb backend
-    changes from process to process; sorting makes rebuilt files byte-identical.
-    """
-
-    def write(self, path, examples):
-        return super().write(path, ((key, _canonical_bytes(data)) for key, data in examples))
-
-
-def _canonical_bytes(serialized: bytes) -> bytes:
-    example = tf_example_pb2.Example()
-    example.ParseFromString(serialized)
-    return example.SerializeToString(deterministic=True)
-
-
 class AvDigits(tfds.core.GeneratorBasedBuilder):
     """TFDS builder for AV-Digits (see module docstring); array_record by default."""
 
@@ -350,7 +333,7 @@ class AvDigits(tfds.core.GeneratorBasedBuilder):
 
     def _example_writer(self) -> tfds_writer.ExampleWriter:
         """TFDS's writer with canonical serialisation, for byte-identical rebuilds."""
-        return _CanonicalExampleWriter(file_format=self.info.file_format)
+        return CanonicalExampleWriter(file_format=self.info.file_format)
 
     def _split_generators(self, dl_manager):
         return {split: self._generate_examples(split) for split in SPLITS}

@@ -150,3 +150,11 @@ def av_digits(data_config: ml_collections.ConfigDict) -> Dataset:
         class_names=("value",) if target == "value" else tuple(label.names),
         task=AV_DIGITS_TARGETS[target],
     )
+
+
+@DATASETS.register("intents")
+def intents(data_config: ml_collections.ConfigDict) -> Dataset:
+    """Intents: generated English requests in 8 intents, test phrasings held out (see mmjax.data.intents)."""
+    from mmjax.data import intents as module
+
+    return module.dataset(data_config)
