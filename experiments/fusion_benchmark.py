@@ -9,13 +9,21 @@ data order), then evaluates on the test split:
 - classical decision-level baselines: scikit-learn SVM and random forest per modality on the features of the
   trained single-modality encoders, combined by probability averaging and by voting.
 
-Command (about 50 min on 2 CPU cores for 19 methods x 3 seeds, 300 steps each; tiny: see tests/test_experiments.py):
+Command (45 min on 2 CPU cores for 19 methods x 3 seeds, 300 steps each; tiny: see tests/test_experiments.py):
 
     python -m experiments.fusion_benchmark --workdir /tmp/fusion
 
 Writes WORKDIR/results.md, results.csv, robustness.md, robustness.png and benchmark.json; each run's own
 workdir is WORKDIR/<method>/seed_<k> (re-running resumes, finished runs are only re-evaluated). On CPU the same
-command gives the same numbers (step times aside). Expected: see README "Fusion benchmark".
+command gives the same numbers (step times aside). Expected test accuracy (mean ± std over seeds 0-2; the full
+table, with robustness and classical baselines, is in README "Fusion benchmark"):
+
+    image_only 0.8630 ± 0.0035   audio_only 0.8648 ± 0.0073   concat 0.9685 ± 0.0026   weighted_sum 0.9704 ± 0.0057
+    attention 0.9565 ± 0.0026    max 0.9593 ± 0.0065          product 0.9565 ± 0.0047  gmu 0.9509 ± 0.0092
+    tensor 0.9537 ± 0.0035       low_rank_tensor 0.9537 ± 0.0094  mi_vector 0.9694 ± 0.0039  mi_matrix 0.9602 ± 0.0013
+    nl_gate 0.9046 ± 0.0086      cross_attention 0.9241 ± 0.0094  bottleneck 0.9333 ± 0.0068
+    joint_transformer 0.9185 ± 0.0105  late_mean 0.9630 ± 0.0035  late_learned 0.9630 ± 0.0065
+    late_product 0.9639 ± 0.0039
 """
 
 from __future__ import annotations
