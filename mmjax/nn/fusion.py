@@ -31,7 +31,14 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.nn.common import Dtype, EncoderOutput
-from mmjax.nn.transformer import Transformer, TransformerBlock, attention_mask, masked_mean, maybe_remat
+from mmjax.nn.transformer import (
+    LAYER_NORM_EPS,
+    Transformer,
+    TransformerBlock,
+    attention_mask,
+    masked_mean,
+    maybe_remat,
+)
 from mmjax.registry import FUSIONS
 
 Masks = Mapping[str, jax.Array] | None
@@ -524,7 +531,8 @@ class CrossAttentionFusion(nn.Module):
             for s in modalities:
                 if s.name == t.name:
                     continue
-                context = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"ln_{s.name}_to_{t.name}")(tokens[s.name])
+                norm = nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=f"ln_{s.name}_to_{t.name}")
+                context = norm(tokens[s.name])
                 mask = attention_mask(None, s.token_mask)
                 x = tokens[t.name]
                 for i in range(self.num_layers):
@@ -644,7 +652,7 @@ class BottleneckFusion(nn.Module):
                 mean = sum(weights[:, j, None, None].astype(b.dtype) * b for j, b in enumerate(new_bottlenecks))
                 bottleneck = jnp.where(any_present[:, None, None], mean, bottleneck)
         cls = jnp.stack(
-            [nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=f"ln_final_{m.name}")(x[m.name][:, 0])
+            [nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=self.dtype, name=f"ln_final_{m.name}")(x[m.name][:, 0])
              for m in modalities],
             axis=1,
         )

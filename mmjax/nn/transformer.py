@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from mmjax.nn.common import Dtype
 
 REMAT_POLICIES = ("none", "full", "dots")
+LAYER_NORM_EPS = 1e-6  # The pre-LN (ViT/CLIP) default; BERT checkpoints use 1e-12 (set per model).
 
 
 def remat_policy(name: str):
@@ -80,7 +81,7 @@ class TransformerBlock(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     pre_norm: bool = True
-    layer_norm_eps: float = 1e-6
+    layer_norm_eps: float = LAYER_NORM_EPS
     gelu_approximate: bool = False
     dtype: Dtype | None = None
 
@@ -122,7 +123,7 @@ class Transformer(nn.Module):
     attention_dropout: float = 0.0
     pre_norm: bool = True
     causal: bool = False
-    layer_norm_eps: float = 1e-6
+    layer_norm_eps: float = LAYER_NORM_EPS
     gelu_approximate: bool = False
     remat: str = "none"
     dtype: Dtype | None = None

@@ -27,7 +27,7 @@ from einops import rearrange
 from mmjax.nn.common import Dtype, EncoderOutput, check_rank, to_dtype
 from mmjax.nn.conv import Conv
 from mmjax.nn.layers import max_pool_2x2
-from mmjax.nn.transformer import Transformer, maybe_remat, remat_policy
+from mmjax.nn.transformer import LAYER_NORM_EPS, Transformer, maybe_remat, remat_policy
 from mmjax.registry import ENCODERS
 
 
@@ -134,7 +134,7 @@ class ViT(nn.Module):
     pool: str = "cls"
     dropout: float = 0.0
     attention_dropout: float = 0.0
-    layer_norm_eps: float = 1e-6
+    layer_norm_eps: float = LAYER_NORM_EPS
     remat: str = "none"
     dtype: Dtype | None = None
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.nn.common import Dtype, EncoderOutput, check_rank
-from mmjax.nn.transformer import Transformer, masked_mean
+from mmjax.nn.transformer import LAYER_NORM_EPS, Transformer, masked_mean
 from mmjax.registry import ENCODERS
 
 POOLS = ("cls", "mean", "eot")
@@ -48,7 +48,7 @@ class TextTransformer(nn.Module):
     pool: str = "cls"
     pad_id: int = 0
     type_vocab_size: int = 0
-    layer_norm_eps: float = 1e-6
+    layer_norm_eps: float = LAYER_NORM_EPS
     gelu_approximate: bool = False
     dropout: float = 0.0
     attention_dropout: float = 0.0
