@@ -43,6 +43,10 @@ class Checkpointer:
             )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+            # Orbax writes a step's metrics to disk only when `best_fn` is set; without them a restarted run could
+            # not tell which kept step was the best (and BestN would no longer protect it).
+            best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
+            best_mode=best_mode,
             enable_async_checkpointing=True,
             create=True,
         )
