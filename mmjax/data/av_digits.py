@@ -68,10 +68,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import writer as tfds_writer
 
 from mmjax.data import audio as audio_lib
-from mmjax.data.builder_utils import CanonicalExampleWriter
+from mmjax.data.builder_utils import OfflineBuilder, prepare
 from mmjax.data import espeak
 
 __all__ = [
@@ -303,7 +302,7 @@ def log_mel(clip: np.ndarray) -> np.ndarray:
     )
 
 
-class AvDigits(tfds.core.GeneratorBasedBuilder):
+class AvDigits(OfflineBuilder):
     """TFDS builder for AV-Digits (see module docstring); array_record by default."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -311,9 +310,6 @@ class AvDigits(tfds.core.GeneratorBasedBuilder):
         "1.0.0": "Initial release: sklearn digits with noise and erasing, paired with "
         "eSpeak NG spoken digits (103 speakers, disjoint across splits) in noise.",
     }
-
-    def __init__(self, *, file_format=None, **kwargs):
-        super().__init__(file_format=file_format or tfds.core.FileFormat.ARRAY_RECORD, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -330,10 +326,6 @@ class AvDigits(tfds.core.GeneratorBasedBuilder):
             supervised_keys=None,
             homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html#digits-dataset",
         )
-
-    def _example_writer(self) -> tfds_writer.ExampleWriter:
-        """TFDS's writer with canonical serialisation, for byte-identical rebuilds."""
-        return CanonicalExampleWriter(file_format=self.info.file_format)
 
     def _split_generators(self, dl_manager):
         return {split: self._generate_examples(split) for split in SPLITS}
@@ -353,12 +345,4 @@ class AvDigits(tfds.core.GeneratorBasedBuilder):
 
 def build(data_dir: str) -> tfds.core.DatasetBuilder:
     """Builds AV-Digits under ``data_dir`` unless already there; returns the builder."""
-    builder = AvDigits(data_dir=data_dir)
-    if builder.is_prepared():
-        print(f"av_digits: already built at {builder.data_dir}", file=sys.stderr)
-        return builder
-    print(f"av_digits: building {builder.VERSION} into {builder.data_dir}", file=sys.stderr)
-    start = time.perf_counter()
-    builder.download_and_prepare()
-    print(f"av_digits: built in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return builder
+    return prepare(AvDigits(data_dir=data_dir))

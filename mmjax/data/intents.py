@@ -46,17 +46,14 @@ from __future__ import annotations
 import functools
 import os
 import string
-import sys
-import time
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import writer as tfds_writer
 
-from mmjax.data.builder_utils import CanonicalExampleWriter
+from mmjax.data.builder_utils import OfflineBuilder, prepare
 from mmjax.data.datasets import Dataset, build_on_process_zero
 
 __all__ = [
@@ -445,7 +442,7 @@ def generate_examples(split: str, sizes: Mapping[str, int] | None = None) -> Ite
         yield index, {"text": example.text, "label": example.label}
 
 
-class Intents(tfds.core.GeneratorBasedBuilder):
+class Intents(OfflineBuilder):
     """TFDS builder for Intents (see module docstring); array_record by default.
 
     ``sizes`` ({split: examples}, default SPLIT_SIZES) is for tests: a builder with other sizes writes different
@@ -458,9 +455,9 @@ class Intents(tfds.core.GeneratorBasedBuilder):
         "1.0.0": "Initial release: 8 intents x 20 templates; test templates held out of train and validation.",
     }
 
-    def __init__(self, *, file_format=None, sizes: Mapping[str, int] | None = None, **kwargs):
+    def __init__(self, *, sizes: Mapping[str, int] | None = None, **kwargs):
         self._sizes = dict(SPLIT_SIZES if sizes is None else sizes)
-        super().__init__(file_format=file_format or tfds.core.FileFormat.ARRAY_RECORD, **kwargs)
+        super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -474,10 +471,6 @@ class Intents(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,  # Written in generate_split order (already shuffled, seeded).
         )
 
-    def _example_writer(self) -> tfds_writer.ExampleWriter:
-        """TFDS's writer with canonical serialisation, for byte-identical rebuilds."""
-        return CanonicalExampleWriter(file_format=self.info.file_format)
-
     def _split_generators(self, dl_manager):
         return {split: self._generate_examples(split) for split in SPLITS}
 
@@ -487,14 +480,7 @@ class Intents(tfds.core.GeneratorBasedBuilder):
 
 def build(data_dir: str | None = None, sizes: Mapping[str, int] | None = None) -> tfds.core.DatasetBuilder:
     """Builds Intents under ``data_dir`` (default: TFDS's) unless already there; returns the builder."""
-    builder = Intents(data_dir=data_dir, sizes=sizes)
-    if builder.is_prepared():
-        return builder
-    print(f"intents: building {builder.VERSION} into {builder.data_dir}", file=sys.stderr)
-    start = time.perf_counter()
-    builder.download_and_prepare()
-    print(f"intents: built in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    return builder
+    return prepare(Intents(data_dir=data_dir, sizes=sizes))
 
 
 # --------------------------------------------------------------------------------------------- dataset entry
