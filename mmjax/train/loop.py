@@ -190,6 +190,15 @@ class Setup:
     batch_sharding: Any
     replicated: Any
 
+    def train_step_fn(self):
+        """The jitted train step over the mesh: `(state, global batch) -> (state, metrics)`, state donated."""
+        return jax.jit(
+            functools.partial(train_step, model=self.model, tx=self.tx, task=self.task, frozen=self.frozen),
+            in_shardings=(self.state_sharding, self.batch_sharding),
+            out_shardings=(self.state_sharding, self.replicated),
+            donate_argnums=0,
+        )
+
     def eval_fn(self):
         return jax.jit(
             functools.partial(eval_step, model=self.model, task=self.task),
@@ -381,12 +390,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f"{config.get('name', 'run')}: {num_params:,} parameters{frozen_note} | {jax.device_count()} device(s) on "
         f"{jax.process_count()} process(es) | batch {config.data.batch_size} | {num_steps} steps | {workdir}"
     )
-    step_fn = jax.jit(
-        functools.partial(train_step, model=s.model, tx=s.tx, task=s.task, frozen=s.frozen),
-        in_shardings=(s.state_sharding, s.batch_sharding),
-        out_shardings=(s.state_sharding, s.replicated),
-        donate_argnums=0,
-    )
+    step_fn = s.train_step_fn()
     eval_fn = s.eval_fn()
 
     def evaluate_all(step: int) -> dict[str, dict]:
