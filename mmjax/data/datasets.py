@@ -24,6 +24,9 @@ class Dataset:
     `source(split)` returns a random-access sequence of raw examples; `preprocess(example)` turns one into model
     inputs (one array per modality key plus `label`). `preprocess` must be picklable (Grain worker processes).
     `task` names the label type (see `mmjax.tasks`); `num_classes` is the number of outputs it needs.
+    `augment(example, rng)` (training stream only, after `preprocess` and any in-memory cache) draws from the
+    `numpy.random.Generator` that Grain seeds from the run's seed and the example's position in the stream, so a
+    resumed run sees exactly the same augmented batches. It must be picklable too.
     """
 
     name: str
@@ -34,6 +37,7 @@ class Dataset:
     modalities: tuple[str, ...]
     class_names: tuple[str, ...] = ()
     task: str = "classification"
+    augment: Callable[[Example, np.random.Generator], Example] | None = None
 
 
 def build_on_process_zero(build: Callable[[], Any]) -> Any:

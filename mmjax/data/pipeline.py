@@ -77,6 +77,8 @@ def train_dataset(
     if len(source) == 0:
         raise ValueError(f"dataset {dataset.name!r} split {split!r} is empty")
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).map(dataset.preprocess)
+    if dataset.augment is not None:  # Seeded by (seed, position in the stream): resumes reproduce it.
+        ds = ds.random_map(dataset.augment)
     # Global batch k is elements [k*B, (k+1)*B) of the shuffled stream; process p holds the contiguous rows
     # [p*L, (p+1)*L) of it (L = B / processes), matching its devices' place in the mesh. Only those rows are read.
     ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True)
@@ -135,8 +137,11 @@ def eval_batches(
 
 
 def input_spec(dataset: Dataset, split: str) -> InputSpec:
-    """Shapes (without the batch axis) and dtypes of one preprocessed example: what the model is built for."""
+    """Shapes (without the batch axis) and dtypes of one training example (preprocessed and augmented): what the
+    model is built for."""
     example = dataset.preprocess(dataset.source(split)[0])
+    if dataset.augment is not None:
+        example = dataset.augment(example, np.random.default_rng(0))
     return {k: (tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in example.items()}
 
 

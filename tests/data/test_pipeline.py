@@ -1,5 +1,7 @@
 """The Grain pipeline: exact evaluation, shuffled resumable training stream, batch checks, global arrays."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -89,3 +91,31 @@ def test_processes_hold_contiguous_rows_of_the_same_global_batches(monkeypatch):
         per_process.append([next(stream)["x"] for _ in range(12)])
     for step, want in enumerate(expected):
         np.testing.assert_array_equal(np.concatenate([per_process[0][step], per_process[1][step]]), want)
+
+
+
+def _draw(example, rng):
+    return example | {"draw": rng.integers(0, 2**62)}
+
+
+def test_augmentation_is_seeded_by_position_and_resumes_exactly():
+    dataset = dataclasses.replace(fake_dataset(16), augment=_draw)
+    assert set(pipeline.input_spec(dataset, "train")) == {"x", "label", "draw"}
+    iterator = iter(pipeline.train_dataset(dataset, "train", global_batch_size=8, seed=5))
+    first = [next(iterator) for _ in range(3)]
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(3)]
+    resumed = iter(pipeline.train_dataset(dataset, "train", global_batch_size=8, seed=5))
+    resumed.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(next(resumed)["draw"], want["draw"])
+    again = next(iter(pipeline.train_dataset(dataset, "train", global_batch_size=8, seed=5)))
+    np.testing.assert_array_equal(again["draw"], first[0]["draw"])  # Same seed and position, same draw.
+    other = next(iter(pipeline.train_dataset(dataset, "train", global_batch_size=8, seed=6)))
+    assert not np.array_equal(np.sort(other["draw"]), np.sort(first[0]["draw"]))
+    # Each example gets a new draw in each epoch (16 examples, batches of 8: epochs are batches 0-1, 2-3, 4-5).
+    draws: dict[int, list[int]] = {}
+    for batch in first + expected:
+        for example_id, draw in zip(batch["x"][:, 0].astype(int), batch["draw"]):
+            draws.setdefault(example_id, []).append(int(draw))
+    assert all(len(d) == 3 and len(set(d)) == 3 for d in draws.values())
