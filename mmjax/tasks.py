@@ -147,6 +147,12 @@ class Regression:
         }
 
 
+def dataset_task(task_name: str) -> str:
+    """The kind of labels a task trains on (e.g. "contrastive" for clip and siglip): what a dataset must provide."""
+    cls = TASKS.get(task_name) if task_name in TASKS else None
+    return getattr(cls, "dataset_task", task_name)
+
+
 def build_task(task_config, num_classes: int, class_names: Sequence[str] = ()):
     """The task named by `config.task.name` (default classification) with its other keys as options."""
     options = dict(task_config or {})
@@ -154,8 +160,11 @@ def build_task(task_config, num_classes: int, class_names: Sequence[str] = ()):
     if name not in TASKS:
         raise ValueError(f"config task.name: {TASKS.unknown_message(name)}")
     cls = TASKS.get(name)
-    fields = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "class_names"}
+    fields = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "class_names", "mesh"}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ValueError(f"config task ({name}): unknown option(s) {unknown}; valid: {sorted(fields)}")
     return cls(num_classes=num_classes, class_names=tuple(class_names), **options)
+
+
+from mmjax import contrastive as _contrastive  # noqa: E402,F401  (registers "clip" and "siglip")

@@ -62,8 +62,11 @@ class MultimodalModel(nn.Module):
         return {m: kept[:, i] for i, m in enumerate(modalities)}
 
 
-def _build(registry: Registry, cfg: ml_collections.ConfigDict, where: str, **extra: Any):
-    """Instantiates `registry[cfg.name]` with the other keys of `cfg` as fields; unknown fields name `where`."""
+def _build(registry: Registry, cfg: ml_collections.ConfigDict, where: str, dtype: Any = None, **extra: Any):
+    """Instantiates `registry[cfg.name]` with the other keys of `cfg` as fields; unknown fields name `where`.
+
+    `dtype` (the model-wide compute dtype) is given to modules that have a `dtype` field and set none.
+    """
     if "name" not in cfg:
         raise ValueError(f"config {where} needs a 'name' (one of: {', '.join(registry.names())})")
     if cfg.name not in registry:
@@ -78,6 +81,8 @@ def _build(registry: Registry, cfg: ml_collections.ConfigDict, where: str, **ext
             f"valid fields: {', '.join(sorted(fields - set(extra)))}"
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    if dtype and "dtype" in fields and not kwargs.get("dtype"):
+        kwargs["dtype"] = dtype
     if isinstance(kwargs.get("dtype"), str):  # "bfloat16" from a config or the command line.
         try:
             kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
@@ -86,19 +91,63 @@ def _build(registry: Registry, cfg: ml_collections.ConfigDict, where: str, **ext
     return functools.partial(cls, **kwargs, **extra)
 
 
-def build_model(model_config: ml_collections.ConfigDict) -> MultimodalModel:
-    """Builds a MultimodalModel from `config.model` (encoders per modality, fusion, head, num_classes)."""
+MODEL_KINDS = ("fusion", "two_tower")
+
+
+def _check_dtype(model_config: ml_collections.ConfigDict) -> str | None:
+    dtype = model_config.get("dtype") or None
+    if dtype is not None:
+        try:
+            jnp.dtype(dtype)
+        except TypeError:
+            raise ValueError(f"config model.dtype={dtype!r} is not a dtype (e.g. bfloat16, float32)")
+    return dtype
+
+
+def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
+    """Builds the model of `config.model`: `name` "fusion" (default; `MultimodalModel`: encoders per modality,
+    fusion, head) or "two_tower" (`TwoTower` dual encoder for contrastive training).
+
+    `model.dtype` (e.g. "bfloat16") is the compute dtype of every module that does not set its own; parameters
+    stay float32 and losses are computed in float32 (mixed precision).
+    """
+    kind = model_config.get("name", "fusion")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"config model.name={kind!r}; valid: {', '.join(MODEL_KINDS)}")
     if not model_config.encoders:
         raise ValueError("config model.encoders is empty: name at least one modality's encoder")
+    dtype = _check_dtype(model_config)
     encoders = {
-        m: _build(ENCODERS, model_config.encoders[m], f"model.encoders.{m}")()
+        m: _build(ENCODERS, model_config.encoders[m], f"model.encoders.{m}", dtype)()
         for m in sorted(model_config.encoders)
     }
-    head = _build(HEADS, model_config.head, "model.head", num_classes=model_config.num_classes)
-    fusion = _build(FUSIONS, model_config.fusion, "model.fusion")
+    if kind == "two_tower":
+        return _build_two_tower(model_config, encoders, dtype)
+    head = _build(HEADS, model_config.head, "model.head", dtype, num_classes=model_config.num_classes)
+    fusion = _build(FUSIONS, model_config.fusion, "model.fusion", dtype)
     dropout = model_config.get("modality_dropout", 0.0)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"config model.modality_dropout={dropout} must be in [0, 1)")
     if fusion.func.produces_logits:  # Decision-level: the fusion owns one head per modality.
         return MultimodalModel(encoders=encoders, fusion=fusion(head=head), head=None, modality_dropout=dropout)
     return MultimodalModel(encoders=encoders, fusion=fusion(), head=head(), modality_dropout=dropout)
+
+
+def _build_two_tower(model_config, encoders, dtype) -> nn.Module:
+    from mmjax.nn.contrastive import TwoTower
+
+    if len(encoders) != 2:
+        raise ValueError(f"config model.encoders: a two_tower model needs exactly 2 towers, got {sorted(encoders)}")
+    options = dict(model_config.get("two_tower", {}))
+    fields = {"embed_dim", "logit_scale_init", "logit_bias_init", "aliases"}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"config model.two_tower: unknown field(s) {unknown}; valid: {sorted(fields)}")
+    if options.get("embed_dim", 1) <= 0:
+        raise ValueError(f"config model.two_tower.embed_dim={options['embed_dim']} must be positive")
+    if "aliases" in options:
+        options["aliases"] = dict(options["aliases"])
+        bad = {k: t for k, t in options["aliases"].items() if t not in encoders}
+        if bad:
+            raise ValueError(f"config model.two_tower.aliases {bad} name no tower; towers: {sorted(encoders)}")
+    return TwoTower(encoders=encoders, dtype=jnp.dtype(dtype) if dtype else None, **options)
