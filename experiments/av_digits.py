@@ -73,6 +73,11 @@ def get_config() -> ml_collections.ConfigDict:
         eval_every_steps=200,
         frozen=(),  # Regexes of parameter paths to lock (no gradient, no optimizer state), e.g. "encoders_image".
         init_from={},  # Parameter subtree -> pretrained source, e.g. {"encoders_text": "minilm"}; see loop.py.
+        grad_accum_steps=1,  # Micro-batches per batch (gradients accumulated, one update); batch % (k*devices) == 0.
+    )
+    config.mesh = dict(
+        fsdp=1,  # Devices each large param/optimizer-state leaf is split over (FSDP); 1 = replicated; divides devices.
+        fsdp_min_size=4096,  # Leaves with fewer elements stay replicated under FSDP (too small to be worth a gather).
     )
     config.eval = dict(splits=("validation", "test"))
     config.checkpoint = dict(every_steps=200, keep=2, best_metric="validation/accuracy", best_mode="max")

@@ -96,6 +96,11 @@ def get_config() -> ml_collections.ConfigDict:
         eval_every_steps=100,
         frozen=(),  # Regexes of parameter paths to lock; the frozen variant sets ("encoders_text",).
         init_from={},  # Subtree -> pretrained source; the MiniLM variants set {"encoders_text": "minilm"}.
+        grad_accum_steps=1,  # Micro-batches per batch (gradients accumulated, one update); batch % (k*devices) == 0.
+    )
+    config.mesh = dict(
+        fsdp=1,  # Devices each large param/optimizer-state leaf is split over (FSDP); 1 = replicated; divides devices.
+        fsdp_min_size=4096,  # Leaves with fewer elements stay replicated under FSDP (too small to be worth a gather).
     )
     config.eval = dict(splits=("validation", "test"))
     config.checkpoint = dict(every_steps=100, keep=2, best_metric="validation/accuracy", best_mode="max")

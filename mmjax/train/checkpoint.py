@@ -4,6 +4,10 @@ Saves are asynchronous (training continues while the files are written); Orbax c
 crash mid-write never leaves a half-written step in view. The latest N steps and the best step by a chosen
 metric are kept. A latest step that fails to restore is moved aside to `<dir>/corrupt/` (never deleted) and the
 previous step is used instead.
+
+A state restores onto any mesh, not only the one it was saved from (another FSDP size or device count, one
+device, another number of processes): Orbax reads each saved array straight into the sharding that the
+abstract state passed to `restore` asks for (every leaf must carry one, as `loop.Setup.abstract_state` does).
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ class Checkpointer:
         self._manager.save(step, args=args, metrics=metrics, force=True)
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
-        """Restores `step` into the shardings of `abstract_state`; sets `data_iterator` to the saved position."""
+        """Restores `step` into the shardings of `abstract_state` (whatever mesh it was saved from); sets
+        `data_iterator` to the saved position."""
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
         )

@@ -26,7 +26,7 @@ from mmjax import logging as log_lib
 from mmjax.data import pipeline
 from mmjax.data.datasets import Dataset, get_dataset
 from mmjax.nn.model import MultimodalModel, build_model
-from mmjax.tasks import build_task
+from mmjax.tasks import build_task, dataset_task
 from mmjax.train import parallel
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.optimizer import build_optimizer
@@ -38,15 +38,45 @@ INPUTS_FILENAME = "model_inputs.json"
 RESULTS_FILENAME = "results.json"
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks values that would otherwise fail late or silently (before any data is read or code compiled)."""
+def validate(config: ml_collections.ConfigDict, *, training: bool = True) -> None:
+    """Checks values that would otherwise fail late or silently (before any data is read or code compiled).
+
+    `training=False` (loading a trained model, maybe on another machine) skips the checks that only matter for
+    train steps: the train batch's divisibility by the device count and by `train.grad_accum_steps`.
+    """
     for key in ("train.num_steps", "data.batch_size", "data.eval_batch_size", "train.log_every_steps",
                 "train.eval_every_steps", "checkpoint.every_steps"):
         section, name = key.split(".")
         value = config[section][name]
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"config {key}={value!r} must be a positive integer")
-    parallel.check_batch_size(config.data.batch_size, "data.batch_size")
+    mesh_config = config.get("mesh") or {}
+    parallel.check_fsdp(mesh_config.get("fsdp", 1), key="mesh.fsdp")
+    min_size = mesh_config.get("fsdp_min_size", parallel.DEFAULT_FSDP_MIN_SIZE)
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+        raise ValueError(f"config mesh.fsdp_min_size={min_size!r} must be a non-negative integer (elements)")
+    accum = config.train.get("grad_accum_steps", 1)
+    if isinstance(accum, bool) or not isinstance(accum, int) or accum <= 0:
+        raise ValueError(f"config train.grad_accum_steps={accum!r} must be a positive integer (1 = no accumulation)")
+    from mmjax.tasks import TASKS
+    from mmjax.train.step import per_example_loss
+
+    task_name = (config.get("task") or {}).get("name", "classification")
+    if accum > 1 and task_name in TASKS and not per_example_loss(TASKS.get(task_name)):
+        raise ValueError(
+            f"config train.grad_accum_steps={accum} with task.name={task_name!r}: this loss couples the examples "
+            "of a batch (in-batch negatives), so micro-batches would change the objective, not just its memory; "
+            "use grad_accum_steps=1"
+        )
+    if training:
+        parallel.check_batch_size(config.data.batch_size, "data.batch_size")
+        devices = jax.device_count()
+        if accum > 1 and config.data.batch_size % (accum * devices):
+            raise ValueError(
+                f"config data.batch_size={config.data.batch_size} must be a multiple of train.grad_accum_steps="
+                f"{accum} x the device count {devices} = {accum * devices}: each of the {accum} micro-batches "
+                "is split evenly over every device"
+            )
     parallel.check_batch_size(config.data.eval_batch_size, "data.eval_batch_size")
     if config.optimizer.lr <= 0:
         raise ValueError(f"config optimizer.lr={config.optimizer.lr} must be > 0")
@@ -60,7 +90,7 @@ def _check_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> None:
             f"{list(dataset.modalities)}"
         )
     task_name = config.get("task", {}).get("name", "classification")
-    if task_name != dataset.task:
+    if dataset_task(task_name) != dataset.task:
         raise ValueError(
             f"config task.name={task_name!r} but dataset {dataset.name!r} provides {dataset.task!r} labels"
         )
@@ -176,7 +206,7 @@ class Setup:
     """Everything a run builds from its config before touching the workdir: data, model, task, state layout."""
 
     config: ml_collections.ConfigDict
-    mesh: jax.sharding.Mesh
+    mesh: jax.sharding.Mesh  # (data, fsdp) over all devices; see `parallel`.
     dataset: Dataset
     model: MultimodalModel
     task: Any
@@ -186,14 +216,26 @@ class Setup:
     frozen: tuple[str, ...]
     init_fn: Any
     abstract_state: TrainState  # Shapes, dtypes and shardings of the state.
-    state_sharding: Any
+    state_sharding: Any  # TrainState of NamedShardings: params/opt_state split over "fsdp" (mesh.fsdp > 1).
     batch_sharding: Any
     replicated: Any
 
     def train_step_fn(self):
-        """The jitted train step over the mesh: `(state, global batch) -> (state, metrics)`, state donated."""
+        """The jitted train step over the mesh: `(state, global batch) -> (state, metrics)`, state donated.
+
+        With `train.grad_accum_steps` > 1 it accumulates gradients over micro-batches (see `step.train_step`).
+        """
+        step = functools.partial(
+            train_step,
+            model=self.model,
+            tx=self.tx,
+            task=self.task,
+            frozen=self.frozen,
+            grad_accum_steps=self.config.train.get("grad_accum_steps", 1),
+            batch_sharding=self.batch_sharding,
+        )
         return jax.jit(
-            functools.partial(train_step, model=self.model, tx=self.tx, task=self.task, frozen=self.frozen),
+            step,
             in_shardings=(self.state_sharding, self.batch_sharding),
             out_shardings=(self.state_sharding, self.replicated),
             donate_argnums=0,
@@ -225,15 +267,24 @@ def _dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     return _DATASETS[key]
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
-    """Validates `config` and builds the dataset, model, task, optimizer and the abstract (sharded) state."""
-    validate(config)
-    mesh = parallel.make_mesh()
+def setup(config: ml_collections.ConfigDict, *, training: bool = True) -> Setup:
+    """Validates `config` and builds the dataset, model, task, optimizer and the abstract (sharded) state.
+
+    The mesh is `(data, fsdp)` with `config.mesh.fsdp` (default 1: data parallelism, everything replicated);
+    large params and optimizer-state leaves are split over "fsdp" (`parallel.state_shardings`), and since
+    `run()` initialises with `out_shardings=state_sharding` they are created split. `training=False`: see
+    `validate`.
+    """
+    validate(config, training=training)
+    mesh_config = config.get("mesh") or {}
+    mesh = parallel.make_mesh(mesh_config.get("fsdp", 1))
     batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     dataset = _dataset(config.data)
     _check_dataset(config, dataset)
     model = build_model(config.model)
     task = build_task(config.get("task"), config.model.num_classes, dataset.class_names)
+    if hasattr(task, "with_mesh"):  # Tasks with collectives of their own (chunked SigLIP) need the mesh.
+        task = task.with_mesh(mesh)
     full_spec = pipeline.input_spec(dataset, config.data.train_split)
     modalities = sorted(config.model.encoders)
     keys = modalities + [f"{m}_mask" for m in modalities if f"{m}_mask" in full_spec] + ["label"]
@@ -244,7 +295,9 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     init_fn = functools.partial(init_state, model, tx, example, frozen=frozen)
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(config.seed))
     check_frozen(abstract.params, frozen)
-    state_sharding = jax.tree_util.tree_map(lambda _: replicated, abstract)
+    state_sharding = parallel.state_shardings(
+        abstract, mesh, mesh_config.get("fsdp_min_size", parallel.DEFAULT_FSDP_MIN_SIZE)
+    )
     abstract = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding
     )
@@ -311,10 +364,28 @@ def count_parameters(params) -> int:
 def load_trained(workdir: str, step: int | str = "latest") -> tuple[Setup, TrainState]:
     """The setup and train state of a trained workdir (its saved config), for evaluation or analysis.
 
-    `step` is "latest", "best" (by the config's `checkpoint.best_metric`) or a step number.
+    `step` is "latest", "best" (by the config's `checkpoint.best_metric`) or a step number. The state lands on
+    this machine's mesh (any device count), not necessarily the one it was saved from.
     """
     config = config_lib.load(os.path.join(workdir, config_lib.CONFIG_FILENAME))
-    s = setup(config)
+    # The state is restored onto this machine's mesh, whatever the run was trained on (Orbax reshards to the
+    # abstract state's shardings). Only what loading and evaluation need must fit the current device count:
+    # an FSDP size that does not divide it falls back to 1 (replicated), and an evaluation batch that does not
+    # split over the devices is rounded up (metrics stay exact: padding rows are never counted). The training
+    # batch is not checked (`training=False`).
+    devices = jax.device_count()
+    fsdp = (config.get("mesh") or {}).get("fsdp", 1)
+    if isinstance(fsdp, int) and fsdp > 0 and devices % fsdp:
+        log_lib.console(f"{workdir}: mesh.fsdp={fsdp} does not divide the {devices} device(s) here; loading with 1")
+        config.mesh.fsdp = 1
+    eval_batch = config.data.eval_batch_size
+    if isinstance(eval_batch, int) and eval_batch > 0 and eval_batch % devices:
+        config.data.eval_batch_size = -(-eval_batch // devices) * devices
+        log_lib.console(
+            f"{workdir}: data.eval_batch_size={eval_batch} does not split over the {devices} device(s) here; "
+            f"using {config.data.eval_batch_size}"
+        )
+    s = setup(config, training=False)
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"),
         keep=config.checkpoint.keep,

@@ -1,19 +1,32 @@
 """Device mesh, shardings and multi-process start-up.
 
-Data parallelism over every device of every process: a 1-D `Mesh` with axis `data`; the batch is sharded along
-it and parameters are replicated, so `jax.jit` averages gradients with an all-reduce, as `pmap` did, in the
-form that also spans hosts.
+The mesh is 2-D, `(data, fsdp)` = `(D / F, F)` over all D devices of all processes (in `jax.devices()` order).
+The batch is split over both axes, so every device holds B / D examples whatever F is. With F = 1 (the default)
+this is plain data parallelism: parameters and optimizer state are replicated and `jax.jit` averages gradients
+with an all-reduce, as `pmap` did, in the form that also spans hosts. With F > 1 (FSDP / ZeRO-3 style) each large
+parameter and optimizer-state leaf is split over the `fsdp` axis (see `fsdp_spec`): every device stores 1 / F of
+it, and XLA (GSPMD) inserts the all-gathers before use and the reduce-scatters of the gradients.
+
+Multi-process: the flattened `(data, fsdp)` batch axis enumerates devices in `jax.devices()` order, exactly as the
+1-D mesh did, so each process's devices still own one contiguous block of rows of the global batch (the rows its
+data pipeline reads, see `mmjax.data.pipeline`).
 """
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+# Leaves with fewer elements stay replicated under FSDP: biases and norm scales are tiny, and gathering each of
+# them would cost a collective's latency for almost no memory. 2**12 float32 = 16 KiB per leaf.
+DEFAULT_FSDP_MIN_SIZE = 2**12
 
 # Environment variables that launch one process of a multi-process run (flags take precedence).
 ENV_COORDINATOR = "MMJAX_COORDINATOR_ADDRESS"
@@ -48,18 +61,76 @@ def initialize_distributed(
     return True
 
 
-def make_mesh() -> Mesh:
-    """A 1-D data-parallel mesh over all devices of all processes."""
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def check_fsdp(fsdp: Any, device_count: int | None = None, key: str = "mesh.fsdp") -> None:
+    """The FSDP axis size must be a positive integer dividing the device count (of all processes)."""
+    devices = jax.device_count() if device_count is None else device_count
+    if isinstance(fsdp, bool) or not isinstance(fsdp, (int, np.integer)) or fsdp <= 0:
+        raise ValueError(f"config {key}={fsdp!r} must be a positive integer (1 = no parameter sharding)")
+    if devices % fsdp:
+        divisors = [d for d in range(1, devices + 1) if devices % d == 0]
+        raise ValueError(f"config {key}={fsdp} must divide the device count {devices}; valid: {divisors}")
+
+
+def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The `(data, fsdp)` mesh of shape `(D / fsdp, fsdp)` over `devices` (default: all devices of all processes)."""
+    devices = np.asarray(jax.devices() if devices is None else list(devices))
+    check_fsdp(fsdp, devices.size)
+    return Mesh(devices.reshape(devices.size // fsdp, fsdp), (DATA_AXIS, FSDP_AXIS))
+
+
+def batch_axes(mesh: Mesh) -> str | tuple[str, ...]:
+    """The mesh axes the batch axis is split over: all of them (row-major, i.e. in the mesh's device order)."""
+    names = tuple(mesh.axis_names)
+    return names[0] if len(names) == 1 else names
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over the `data` axis."""
-    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    """Leading (batch) axis split over every mesh axis: each device holds batch / device-count rows."""
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device (scalars, RNG keys, batch-norm statistics, small parameters)."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def fsdp_size(mesh: Mesh) -> int:
+    """Size of the mesh's `fsdp` axis (1 for a mesh without one)."""
+    return dict(mesh.shape).get(FSDP_AXIS, 1)
+
+
+def fsdp_spec(shape: Sequence[int], fsdp: int, min_size: int = DEFAULT_FSDP_MIN_SIZE) -> PartitionSpec:
+    """Where a parameter-like leaf of `shape` is split: its largest dimension divisible by `fsdp` (the first of
+    equal ones) over the `fsdp` axis, if it has at least `min_size` elements; otherwise replicated (`P()`).
+
+    The rule depends only on the shape, so Adam's `mu`/`nu` get the same layout as their parameters.
+    """
+    shape = tuple(int(d) for d in shape)
+    if fsdp == 1 or math.prod(shape) < min_size:
+        return PartitionSpec()
+    candidates = [i for i, d in enumerate(shape) if d % fsdp == 0]
+    if not candidates:
+        return PartitionSpec()
+    axis = max(candidates, key=lambda i: (shape[i], -i))
+    return PartitionSpec(*(FSDP_AXIS if i == axis else None for i in range(len(shape))))
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Any:
+    """Shardings of a `TrainState` (same tree): `params` and `opt_state` leaves per `fsdp_spec` over the mesh's
+    `fsdp` axis; `step`, `rng` and `model_state` replicated. With an `fsdp` axis of size 1, all replicated."""
+    fsdp = fsdp_size(mesh)
+
+    def sharded(tree):
+        return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp, min_size)), tree)
+
+    replicate = lambda tree: jax.tree_util.tree_map(lambda _: replicated(mesh), tree)  # noqa: E731
+    return abstract_state.replace(
+        step=replicate(abstract_state.step),
+        params=sharded(abstract_state.params),
+        model_state=replicate(abstract_state.model_state),
+        opt_state=sharded(abstract_state.opt_state),
+        rng=replicate(abstract_state.rng),
+    )
 
 
 def check_batch_size(batch_size: int, key: str = "data.batch_size") -> None:

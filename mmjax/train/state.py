@@ -1,4 +1,4 @@
-"""The train state: a plain pytree, checkpointed as a whole."""
+"""The train state: a plain pytree, checkpointed as a whole; its device layout is `parallel.state_shardings`."""
 
 from __future__ import annotations
 

@@ -1,12 +1,15 @@
 """Pure train and eval steps: `(state, batch) -> (state, metrics)` and `(params, model_state, batch) -> outputs`.
 
-They know nothing of devices; `loop.py` compiles them with `jax.jit` over the mesh. The loss and metrics come
-from the task (`mmjax.tasks`). Parameters matching `frozen` patterns (LiT-style locked towers) get no gradient
-and no optimizer state: the gradient is taken with respect to the trainable subset only.
+They know nothing of devices (bar an optional batch sharding that pins the micro-batch layout); `loop.py`
+compiles them with `jax.jit` over the mesh. The loss and metrics come from the task (`mmjax.tasks`). Parameters
+matching `frozen` patterns (LiT-style locked towers) get no gradient and no optimizer state: the gradient is
+taken with respect to the trainable subset only. Gradient accumulation (`grad_accum_steps`) splits the batch
+into micro-batches inside the step.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Mapping, Sequence
 
@@ -15,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax.data.pipeline import VALID_KEY
 from mmjax.train.state import TrainState, step_rng
@@ -71,6 +75,55 @@ def init_state(
     )
 
 
+def _forward_backward(trainable, locked, model_state, batch, rng, *, model, task):
+    """Loss (mean over `batch`), outputs, new model state and gradient w.r.t. `trainable`, for one (micro-)batch."""
+    mutable = list(model_state)
+
+    def loss_fn(trainable):
+        variables = {"params": merge_params(trainable, locked), **model_state}
+        if mutable:
+            outputs, new_model_state = model.apply(variables, batch, train=True, rngs={"dropout": rng}, mutable=mutable)
+        else:
+            outputs = model.apply(variables, batch, train=True, rngs={"dropout": rng})
+            new_model_state = model_state
+        return task.loss(outputs, batch["label"]).mean(), (outputs, new_model_state)
+
+    (loss, (outputs, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    return loss, outputs, dict(new_model_state), grads
+
+
+def per_example_loss(task) -> bool:
+    """Whether `task.loss(...)[i]` depends on example i alone, so that micro-batches accumulate to the exact
+    big-batch gradient. A task (class or instance) may say so with a `per_example_loss` attribute; contrastive
+    tasks (in-batch negatives: CLIP, SigLIP) are taken as coupled, the others as per-example."""
+    explicit = getattr(task, "per_example_loss", None)
+    if explicit is not None:
+        return bool(explicit)
+    return getattr(task, "dataset_task", None) != "contrastive"
+
+
+def split_micro_batches(batch: Mapping[str, jax.Array], k: int, sharding: NamedSharding | None = None) -> dict:
+    """`[B, ...]` -> `[k, B / k, ...]` where micro-batch j holds examples j, j + k, j + 2k, ... (a strided split).
+
+    Why strided, not contiguous blocks: device d holds rows `[d * B / D, (d + 1) * B / D)` of the batch. The
+    reshape to `[B / k, k, ...]` keeps those rows on device d as `B / (k * D)` whole groups of k (B is a multiple
+    of k * D, see `loop.validate`), and taking `[:, j]` picks `B / (k * D)` rows from every device. So each
+    micro-batch is spread evenly over all devices and the split moves no data; a contiguous block j would live
+    on D / k devices only. `sharding` (the batch's) pins the layout, `[k, B / k]` split on axis 1 like the batch.
+    """
+
+    def split(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch of {x.shape[0]} examples does not split into {k} equal micro-batches")
+        x = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+        if sharding is not None:
+            spec = sharding.spec[0] if len(sharding.spec) else None
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, PartitionSpec(None, spec)))
+        return x
+
+    return {key: split(value) for key, value in batch.items()}
+
+
 def train_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
@@ -79,28 +132,53 @@ def train_step(
     tx: optax.GradientTransformation,
     task,
     frozen: Sequence[str] = (),
+    grad_accum_steps: int = 1,
+    batch_sharding: NamedSharding | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on the (global) batch; gradients are averaged over it, hence over every device."""
-    dropout_rng = step_rng(state)
+    """One optimizer step on the (global) batch; gradients are averaged over it, hence over every device.
+
+    With `grad_accum_steps=k > 1` the batch is split into k strided micro-batches (`split_micro_batches`; pass the
+    batch's `batch_sharding` to keep each one spread over every device) and a `lax.scan` runs forward and
+    backward on each, summing gradients; one update then uses their mean. Loss, gradient and metrics equal those
+    of the whole batch (up to float rounding), at 1/k of the activation memory. Differences from one big batch:
+    batch-norm statistics are updated micro-batch by micro-batch (as in PyTorch or big_vision accumulation, and
+    normalisation uses micro-batch statistics), and micro-batch j draws dropout from `fold_in(step rng, j)`.
+    Only per-example losses accumulate exactly (see `per_example_loss`). XLA reduces each micro-batch's
+    gradient over the devices inside the loop, so gradient communication grows with k.
+    """
+    if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+        raise ValueError(f"config train.grad_accum_steps={grad_accum_steps!r} must be a positive integer")
     trainable, locked = split_params(state.params, frozen)
     locked = jax.lax.stop_gradient(locked)
-    mutable = list(state.model_state)
+    compute = functools.partial(_forward_backward, model=model, task=task)
+    rng = step_rng(state)
+    if grad_accum_steps == 1:
+        loss, outputs, model_state, grads = compute(trainable, locked, state.model_state, batch, rng)
+        task_metrics = task.train_metrics(outputs, batch["label"])
+    else:
+        k = grad_accum_steps
+        micro_batches = split_micro_batches(batch, k, batch_sharding)
 
-    def loss_fn(trainable):
-        variables = {"params": merge_params(trainable, locked), **state.model_state}
-        if mutable:
-            outputs, new_model_state = model.apply(
-                variables, batch, train=True, rngs={"dropout": dropout_rng}, mutable=mutable
+        def accumulate(carry, xs):
+            model_state, grad_sum = carry
+            j, micro_batch = xs
+            loss, outputs, model_state, grads = compute(
+                trainable, locked, model_state, micro_batch, jax.random.fold_in(rng, j)
             )
-        else:
-            outputs = model.apply(variables, batch, train=True, rngs={"dropout": dropout_rng})
-            new_model_state = state.model_state
-        return task.loss(outputs, batch["label"]).mean(), (outputs, new_model_state)
+            grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
+            return (model_state, grad_sum), (loss, task.train_metrics(outputs, micro_batch["label"]))
 
-    (loss, (outputs, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+        (model_state, grad_sum), (losses, metrics) = jax.lax.scan(
+            accumulate, (dict(state.model_state), zeros), (jnp.arange(k), micro_batches)
+        )
+        # Equal-sized micro-batches: the mean of their means is the mean over the whole batch.
+        grads = jax.tree_util.tree_map(lambda g: g / k, grad_sum)
+        loss = losses.mean()
+        task_metrics = jax.tree_util.tree_map(lambda m: m.mean(0), metrics)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     params = merge_params(optax.apply_updates(trainable, updates), locked)
-    metrics = {"loss": loss, **task.train_metrics(outputs, batch["label"]), "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss, **task_metrics, "grad_norm": optax.tree.norm(grads)}
     new_state = state.replace(
         step=state.step + 1, params=params, model_state=dict(model_state), opt_state=opt_state
     )

@@ -1,4 +1,5 @@
-"""Data parallelism: 1 device, 8 devices and 2 processes x 4 devices give the same losses for the same batches."""
+"""Data parallelism: 1 device, 8 devices and 2 processes x 4 devices give the same losses for the same batches;
+so does FSDP with parameters split across the 2 processes."""
 
 import json
 import os
@@ -9,11 +10,12 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
+from mmjax import config as config_lib
 from mmjax.train import loop
 from tests.conftest import REPO_ROOT, tiny_overrides
 from tests.train.test_loop import tiny_config
-
 
 
 def experiment_command(workdir, data_dir, *extra_args, **overrides):
@@ -40,19 +42,21 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_one_device_eight_devices_and_two_processes_agree(av_digits_dir, tmp_path):
-    eight = str(tmp_path / "eight")
-    loop.run(tiny_config(av_digits_dir), eight)
+@pytest.fixture(scope="module")
+def eight_devices(av_digits_dir, tmp_path_factory):
+    """The tiny run on this process's 8 devices (fsdp=1): the reference of the other layouts."""
+    workdir = str(tmp_path_factory.mktemp("eight"))
+    loop.run(tiny_config(av_digits_dir), workdir)
+    return workdir
 
-    one = str(tmp_path / "one")
-    subprocess.run(experiment_command(one, av_digits_dir), env=cpu_env(1), cwd=REPO_ROOT, check=True, timeout=300)
 
-    two = str(tmp_path / "two")
+def run_two_processes(workdir, data_dir, **overrides):
+    """The tiny experiment as 2 processes x 4 devices (gloo collectives); returns process 0's output."""
     port = free_port()
     procs = [
         subprocess.Popen(
-            experiment_command(two, av_digits_dir, f"--coordinator_address=127.0.0.1:{port}",
-                               "--num_processes=2", f"--process_id={i}"),
+            experiment_command(workdir, data_dir, f"--coordinator_address=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}", **overrides),
             env=cpu_env(4), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for i in range(2)
@@ -61,6 +65,17 @@ def test_one_device_eight_devices_and_two_processes_agree(av_digits_dir, tmp_pat
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
     assert "8 device(s) on 2 process(es)" in outputs[0]
+    return outputs[0]
+
+
+def test_one_device_eight_devices_and_two_processes_agree(av_digits_dir, eight_devices, tmp_path):
+    eight = eight_devices
+
+    one = str(tmp_path / "one")
+    subprocess.run(experiment_command(one, av_digits_dir), env=cpu_env(1), cwd=REPO_ROOT, check=True, timeout=300)
+
+    two = str(tmp_path / "two")
+    run_two_processes(two, av_digits_dir)
 
     reference = records(eight, "train")
     for other in (os.path.join(one, "early"), os.path.join(two, "early")):
@@ -73,6 +88,22 @@ def test_one_device_eight_devices_and_two_processes_agree(av_digits_dir, tmp_pat
             )
     results = json.load(open(os.path.join(two, "early", "results.json")))
     assert results["processes"] == 2 and results["splits"]["test"]["num_examples"] == 360
+
+
+@pytest.mark.slow
+def test_fsdp_across_two_processes_agrees_with_one_process(av_digits_dir, eight_devices, tmp_path):
+    """Parameters and Adam state split over all 8 devices of 2 processes (mesh (1, 8)): same losses as fsdp=1 in
+    one process; each process still feeds its contiguous rows of the batch; checkpoints of arrays split across
+    processes are written and evaluation runs."""
+    two = str(tmp_path / "two")
+    run_two_processes(two, av_digits_dir, **{"mesh.fsdp": 8, "mesh.fsdp_min_size": 256})
+    assert config_lib.load(os.path.join(two, "early")).mesh.to_dict() == {"fsdp": 8, "fsdp_min_size": 256}
+    for split in ("train", "validation", "test"):
+        np.testing.assert_allclose(
+            [r["loss"] for r in records(os.path.join(two, "early"), split)],
+            [r["loss"] for r in records(eight_devices, split)], rtol=1e-4, err_msg=split,
+        )
+    assert sorted(n for n in os.listdir(os.path.join(two, "early", "checkpoints")) if n.isdigit())
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_75(av_digits_dir, tmp_path):
