@@ -6,7 +6,7 @@ import argparse
 import os
 import platform
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
@@ -55,20 +55,39 @@ def reexec_with_hugepages() -> None:
     os.execve(sys.executable, list(sys.orig_argv), env)
 
 
+def preset_overrides(presets: Mapping[str, Sequence[str]] | None, name: str | None) -> list[str]:
+    """The `KEY=VALUE` overrides of a named preset (an experiment's `PRESETS`); clear error for an unknown one."""
+    if not name:
+        return []
+    if name not in (presets or {}):
+        valid = ", ".join(sorted(presets or {})) or "none (this experiment defines no presets)"
+        raise config_lib.ConfigError(f"unknown preset {name!r}; valid: {valid}")
+    return list(presets[name])
+
+
 def parse(
-    get_config: Callable[[], ml_collections.ConfigDict], argv: Sequence[str] | None = None, description: str = ""
+    get_config: Callable[[], ml_collections.ConfigDict],
+    argv: Sequence[str] | None = None,
+    description: str = "",
+    presets: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[ml_collections.ConfigDict, argparse.Namespace]:
-    """Parses the common flags and config overrides; exits with status 2 and a clear message on bad input."""
+    """Parses the common flags and config overrides; exits with status 2 and a clear message on bad input.
+
+    `--preset NAME` applies the experiment's preset overrides first, then the command line's.
+    """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="where checkpoints, metrics and results go (resumes)")
     parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), help="a named set of overrides of this experiment")
     group = parser.add_argument_group("multi-process (one process per host; or MMJAX_* environment variables)")
     group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
     group.add_argument("--num_processes", type=int)
     group.add_argument("--process_id", type=int)
     args, rest = parser.parse_known_args(argv)
     try:
-        config = config_lib.apply_overrides(get_config(), _split_overrides(rest, parser))
+        overrides = preset_overrides(presets, getattr(args, "preset", None)) + _split_overrides(rest, parser)
+        config = config_lib.apply_overrides(get_config(), overrides)
     except config_lib.ConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return config, args
@@ -79,12 +98,13 @@ def main(
     run: Callable[[ml_collections.ConfigDict, str], Any],
     argv: Sequence[str] | None = None,
     description: str = "",
+    presets: Mapping[str, Sequence[str]] | None = None,
 ) -> Any:
     """Parses the command line, starts multi-process JAX if asked, and calls `run(config, workdir)`.
 
     Exits with `PREEMPTED_EXIT_CODE` when the run stopped on a signal after saving a checkpoint.
     """
-    config, args = parse(get_config, argv, description)
+    config, args = parse(get_config, argv, description, presets)
     if args.print_config:
         print(config_lib.to_json(config))
         return None

@@ -70,6 +70,44 @@ def _tiny_text_intents(data_dir):
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def _tiny_sweep(data_dir):
+    """The sweep's own arguments (starting with "--", passed as they are), then fixed overrides of its base."""
+    tiny = tiny_overrides(data_dir, **{"train.num_steps": 3, "train.eval_every_steps": 3, "variants": "early"})
+    return ["--base=av_digits", "--grid=optimizer.lr=[3e-3,1e-3]", "--compile_cache", *tiny]
+
+
+def _check_sweep(workdir, stdout):
+    assert "trial 2/2: optimizer.lr=0.001" in stdout
+    rows = list(csv.DictReader(open(os.path.join(workdir, "leaderboard.csv"))))
+    assert [r["rank"] for r in rows] == ["1", "2"] and {r["optimizer.lr"] for r in rows} == {"0.003", "0.001"}
+    assert float(rows[0]["validation/accuracy"]) >= float(rows[1]["validation/accuracy"])
+    trials = json.load(open(os.path.join(workdir, "sweep.json")))["trials"]
+    assert [t["status"] for t in trials] == ["done", "done"]
+    for name in ("leaderboard.md", "leaderboard.png"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0
+    assert os.listdir(os.path.join(workdir, "jax_cache"))  # --compile_cache
+
+
+def _tiny_clip_throughput(data_dir):
+    image = "{'name': 'vit', 'patch_size': 8, 'image_size': 16, 'width': 16, 'depth': 1, 'num_heads': 2, 'mlp_dim': 32}"
+    text = ("{'name': 'text_transformer', 'vocab_size': 50, 'max_len': 8, 'width': 16, 'depth': 1, 'num_heads': 2, "
+            "'mlp_dim': 32, 'causal': True, 'pool': 'eot'}")
+    values = {
+        "model.encoders.image": image, "model.encoders.text": text, "model.two_tower.embed_dim": 8,
+        "data.synthetic.image": "(16, 16, 3)", "data.synthetic.text": "(8,)", "data.synthetic.vocab_size": 50,
+        "data.synthetic.pad": 2, "data.batch_size": 16, "data.eval_batch_size": 16, "train.num_steps": 4,
+        "train.eval_every_steps": 4, "checkpoint.every_steps": 4,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _check_clip_throughput(workdir, stdout):
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    test = results["splits"]["test"]
+    assert results["step_time_s"] > 0 and test["num_examples"] == 64
+    assert 0 <= test["i2t_recall@1"] <= test["i2t_recall@5"] <= test["i2t_recall@10"] <= 1
+
+
 # Per experiment: the overrides that make it tiny and a check of its outputs. A new experiment without an entry
 # fails the first test.
 TINY = {
@@ -85,6 +123,8 @@ TINY = {
         _check_fusion_benchmark,
     ),
     "text_intents": (_tiny_text_intents, _check_text_intents),
+    "sweep": (_tiny_sweep, _check_sweep),
+    "clip_throughput": (_tiny_clip_throughput, _check_clip_throughput),
 }
 
 
@@ -98,7 +138,7 @@ def test_every_experiment_has_a_tiny_configuration():
 def test_experiment_runs_from_the_command_line(name, av_digits_dir, tmp_path):
     overrides, check = TINY[name]
     command = [sys.executable, "-m", f"experiments.{name}", "--workdir", str(tmp_path)]
-    command += [f"--config.{o}" for o in overrides(av_digits_dir)]
+    command += [o if o.startswith("--") else f"--config.{o}" for o in overrides(av_digits_dir)]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     check(str(tmp_path), result.stdout)

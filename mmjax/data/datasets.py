@@ -162,3 +162,19 @@ def intents(data_config: ml_collections.ConfigDict) -> Dataset:
     from mmjax.data import intents as module
 
     return module.dataset(data_config)
+
+
+@DATASETS.register("synthetic")
+def synthetic(data_config: ml_collections.ConfigDict) -> Dataset:
+    """Random inputs of any shape, for throughput benchmarks (see mmjax.data.synthetic)."""
+    from mmjax.data import synthetic as module
+
+    return module.dataset(data_config)
+
+
+@DATASETS.register("shapes_captions")
+def shapes_captions(data_config: ml_collections.ConfigDict) -> Dataset:
+    """Shapes-Captions: rendered scenes with captions and hard negatives (see mmjax.data.shapes_captions)."""
+    from mmjax.data import shapes_captions as module
+
+    return module.dataset(data_config)

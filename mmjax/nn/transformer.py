@@ -53,6 +53,33 @@ def attention_mask(
     return mask
 
 
+ATTENTION_IMPLS = ("auto", "flax", "fused")
+
+
+def fused_attention(query, key, value, bias=None, mask=None, *, dropout_rate=0.0, deterministic=True, dtype=None,
+                    **unused):
+    """Flax `attention_fn` computed by `jax.nn.dot_product_attention` (cuDNN flash attention on GPUs; XLA
+    elsewhere), which never materialises the `[B, H, T, T]` probabilities. No attention dropout."""
+    del unused
+    if dropout_rate > 0 and not deterministic:
+        raise ValueError("fused attention has no attention dropout; use attention_impl='flax'")
+    if dtype is not None:
+        query, key, value = (x.astype(dtype) for x in (query, key, value))
+    mask = None if mask is None else mask.astype(bool)  # Flax's masks are float 0/1.
+    return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask)
+
+
+def use_fused_attention(impl: str, dtype, attention_dropout: float) -> bool:
+    """"auto": fused on GPU for 16-bit compute without attention dropout (where cuDNN's kernel applies), else
+    Flax's attention (float32 softmax), which keeps CPU results bit-identical to earlier versions."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {impl!r}; valid: {', '.join(ATTENTION_IMPLS)}")
+    if impl != "auto":
+        return impl == "fused"
+    half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return half and attention_dropout == 0 and jax.default_backend() == "gpu"
+
+
 class MlpBlock(nn.Module):
     """Dense -> GELU -> dropout -> Dense, the transformer's feed-forward layer."""
 
@@ -83,6 +110,7 @@ class TransformerBlock(nn.Module):
     pre_norm: bool = True
     layer_norm_eps: float = LAYER_NORM_EPS
     gelu_approximate: bool = False
+    attention_impl: str = "auto"
     dtype: Dtype | None = None
 
     @nn.compact
@@ -90,11 +118,13 @@ class TransformerBlock(nn.Module):
         self, x: jax.Array, mask: jax.Array | None, context: jax.Array | None, deterministic: bool
     ) -> jax.Array:
         norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
+        fused = use_fused_attention(self.attention_impl, self.dtype, self.attention_dropout)
         attention = nn.MultiHeadDotProductAttention(
             num_heads=self.num_heads,
             dtype=self.dtype,
             dropout_rate=self.attention_dropout,
             force_fp32_for_softmax=True,
+            attention_fn=fused_attention if fused else nn.dot_product_attention,
             name="attention",
         )
         mlp = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype, name="mlp")
@@ -126,6 +156,7 @@ class Transformer(nn.Module):
     layer_norm_eps: float = LAYER_NORM_EPS
     gelu_approximate: bool = False
     remat: str = "none"
+    attention_impl: str = "auto"
     dtype: Dtype | None = None
 
     @nn.compact
@@ -141,6 +172,7 @@ class Transformer(nn.Module):
                 pre_norm=self.pre_norm,
                 layer_norm_eps=self.layer_norm_eps,
                 gelu_approximate=self.gelu_approximate,
+                attention_impl=self.attention_impl,
                 dtype=self.dtype,
                 name=f"layer_{i}",
             )(x, mask, None, not train)

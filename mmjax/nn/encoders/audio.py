@@ -122,6 +122,7 @@ class AudioSpectrogramTransformer(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     remat: str = "none"
+    attention_impl: str = "auto"  # "auto" (fused on GPU in 16-bit), "flax" or "fused" (see transformer.py)
     dtype: Dtype | None = None
 
     @nn.compact
@@ -162,6 +163,7 @@ class AudioSpectrogramTransformer(nn.Module):
             attention_dropout=self.attention_dropout,
             pre_norm=True,
             remat=self.remat,
+            attention_impl=self.attention_impl,
             dtype=self.dtype,
             name="transformer",
         )(x, train=train)

@@ -136,6 +136,7 @@ class ViT(nn.Module):
     attention_dropout: float = 0.0
     layer_norm_eps: float = LAYER_NORM_EPS
     remat: str = "none"
+    attention_impl: str = "auto"  # "auto" (fused on GPU in 16-bit), "flax" or "fused" (see transformer.py)
     dtype: Dtype | None = None
 
     def _check(self, name: str, x: jax.Array) -> tuple[int, int]:
@@ -200,6 +201,7 @@ class ViT(nn.Module):
             pre_norm=True,
             layer_norm_eps=self.layer_norm_eps,
             remat=self.remat,
+            attention_impl=self.attention_impl,
             dtype=self.dtype,
             name="encoder",
         )(x, train=train)

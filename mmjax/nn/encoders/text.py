@@ -53,6 +53,7 @@ class TextTransformer(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     remat: str = "none"
+    attention_impl: str = "auto"  # "auto" (fused on GPU in 16-bit), "flax" or "fused" (see transformer.py)
     dtype: Dtype | None = None
 
     def _check(self, ids: jax.Array) -> None:
@@ -93,6 +94,7 @@ class TextTransformer(nn.Module):
             layer_norm_eps=self.layer_norm_eps,
             gelu_approximate=self.gelu_approximate,
             remat=self.remat,
+            attention_impl=self.attention_impl,
             dtype=self.dtype,
             name="encoder",
         )(x, mask, train=train)
