@@ -108,6 +108,35 @@ def _check_clip_throughput(workdir, stdout):
     assert 0 <= test["i2t_recall@1"] <= test["i2t_recall@5"] <= test["i2t_recall@10"] <= 1
 
 
+TINY_SHAPES_SIZES = {"train": 96, "validation": 32, "test": 48, "test_seen": 32}
+
+
+def _tiny_shapes(data_dir, **extra):
+    from mmjax.data import shapes_captions
+
+    shapes_captions.build(data_dir, sizes=TINY_SHAPES_SIZES)  # Small; the experiment then finds it built.
+    image = "{'name': 'vit', 'patch_size': 8, 'width': 16, 'depth': 1, 'num_heads': 2, 'mlp_dim': 32}"
+    values = {
+        "data.data_dir": data_dir, "data.batch_size": 16, "data.eval_batch_size": 32,
+        "model.encoders.image": image, "model.two_tower.embed_dim": 8, "train.num_steps": 2,
+        "train.log_every_steps": 1, "train.eval_every_steps": 2, "checkpoint.every_steps": 2,
+        "optimizer.warmup_steps": 1, **extra,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _check_shapes(variants):
+    def check(workdir, stdout):
+        summary = json.load(open(os.path.join(workdir, "summary.json")))
+        assert set(summary) == set(variants)
+        for splits in summary.values():
+            test = splits["test"]
+            assert test["num_examples"] == TINY_SHAPES_SIZES["test"]
+            assert 0 <= test["binding_accuracy"] <= 1 and 0 <= test["zero_shot_top1"] <= 1
+            assert test["i2t_recall@1"] <= test["i2t_recall@10"]
+    return check
+
+
 # Per experiment: the overrides that make it tiny and a check of its outputs. A new experiment without an entry
 # fails the first test.
 TINY = {
@@ -125,6 +154,12 @@ TINY = {
     "text_intents": (_tiny_text_intents, _check_text_intents),
     "sweep": (_tiny_sweep, _check_sweep),
     "clip_throughput": (_tiny_clip_throughput, _check_clip_throughput),
+    "shapes_clip": (
+        lambda d: _tiny_shapes(d, **{"model.encoders.text.width": 16, "model.encoders.text.depth": 1,
+                                     "model.encoders.text.num_heads": 2, "model.encoders.text.mlp_dim": 32}),
+        _check_shapes(("clip", "siglip")),
+    ),
+    "shapes_lit": (_tiny_shapes, _check_shapes(("lit",))),
 }
 
 

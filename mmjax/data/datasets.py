@@ -26,7 +26,8 @@ class Dataset:
     `task` names the label type (see `mmjax.tasks`); `num_classes` is the number of outputs it needs.
     `augment(example, rng)` (training stream only, after `preprocess` and any in-memory cache) draws from the
     `numpy.random.Generator` that Grain seeds from the run's seed and the example's position in the stream, so a
-    resumed run sees exactly the same augmented batches. It must be picklable too.
+    resumed run sees exactly the same augmented batches. It must be picklable too. `class_prompts` (image-text
+    datasets) are the tokenised prompts per class that the zero-shot evaluator embeds with the text tower.
     """
 
     name: str
@@ -38,6 +39,7 @@ class Dataset:
     class_names: tuple[str, ...] = ()
     task: str = "classification"
     augment: Callable[[Example, np.random.Generator], Example] | None = None
+    class_prompts: np.ndarray | None = None  # int32 [classes, templates, L] token ids, for zero-shot evaluation.
 
 
 def build_on_process_zero(build: Callable[[], Any]) -> Any:

@@ -844,6 +844,8 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     """
     builder = build_on_process_zero(lambda: build(data_config.get("data_dir") or None))
     preprocess = ShapesCaptionsPreprocess(_tokenizer_spec(data_config), int(data_config.get("max_len", MAX_LEN)))
+    prompts = class_prompts()
+    prompt_ids = encode_texts(preprocess.tokenizer, [p for per_class in prompts for p in per_class], preprocess.max_len)
     return Dataset(
         name="shapes_captions",
         source=lambda split: ShapesSource(builder.as_data_source(split=split)),
@@ -854,4 +856,5 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
         class_names=SHAPES,
         task="contrastive",
         augment=ShapesCaptionsAugment(),
+        class_prompts=prompt_ids.reshape(len(prompts), len(prompts[0]), -1),
     )

@@ -179,22 +179,23 @@ class _StopRequest:
         return flag
 
 
-def evaluate_batches(eval_fn, state: TrainState, batches, task, keys, sharding) -> dict:
-    """Exact metrics over every valid example of `batches` (host batches; padding rows removed)."""
+def gather_outputs(eval_fn, state: TrainState, batches, keys, sharding) -> dict[str, np.ndarray]:
+    """Per-example eval outputs over every valid example of `batches` (host batches; padding rows removed).
+
+    `keys` absent from a batch are skipped (e.g. hard-negative captions that only some datasets provide).
+    """
     from jax.experimental import multihost_utils
 
     outputs: dict[str, list[np.ndarray]] = {}
     for batch in batches:
-        global_batch = pipeline.to_global({k: batch[k] for k in (*keys, pipeline.VALID_KEY)}, sharding)
+        present = [k for k in keys if k in batch]
+        global_batch = pipeline.to_global({k: batch[k] for k in (*present, pipeline.VALID_KEY)}, sharding)
         result = eval_fn(state.params, state.model_state, global_batch)
         for key, value in multihost_utils.process_allgather(result, tiled=True).items():
             outputs.setdefault(key, []).append(np.asarray(value))
     merged = {k: np.concatenate(v) for k, v in outputs.items()}
     valid = merged.pop("valid").astype(bool)
-    merged = {k: v[valid] for k, v in merged.items()}
-    metrics = task.metrics(merged, merged["label"])
-    metrics["loss"] = float(merged["loss"].mean())
-    return metrics
+    return {k: v[valid] for k, v in merged.items()}
 
 
 def _scalars(metrics: dict) -> dict:
@@ -248,11 +249,36 @@ class Setup:
             out_shardings=self.batch_sharding,
         )
 
+    @property
+    def eval_keys(self) -> list[str]:
+        """Batch keys evaluation feeds the model: the training keys plus the extra inputs a model encodes when
+        present (e.g. `negatives`, hard-negative captions, for a two-tower model's binding evaluation)."""
+        return self.keys + sorted(getattr(self.model, "aliases", None) or {})
+
     def evaluate(self, eval_fn, state: TrainState, split: str, batches=None) -> dict:
-        """Metrics of `state` over a whole split (or over the given host batches, e.g. corrupted ones)."""
+        """Metrics of `state` over a whole split (or over the given host batches, e.g. corrupted ones).
+
+        Image-text models on datasets with class prompts are also evaluated zero-shot (`zero_shot_*`).
+        """
         if batches is None:
             batches = pipeline.eval_batches(self.dataset, split, global_batch_size=self.config.data.eval_batch_size)
-        return evaluate_batches(eval_fn, state, batches, self.task, self.keys, self.batch_sharding)
+        merged = gather_outputs(eval_fn, state, batches, self.eval_keys, self.batch_sharding)
+        metrics = self.task.metrics(merged, merged["label"])
+        metrics["loss"] = float(merged["loss"].mean())
+        if self.dataset.class_prompts is not None and "image_embedding" in merged and hasattr(self.model, "embed"):
+            metrics.update(self.zero_shot(state, merged["image_embedding"], merged["label"]))
+        return metrics
+
+    def zero_shot(self, state: TrainState, image_embeddings: np.ndarray, labels: np.ndarray) -> dict:
+        """Zero-shot classification of the images by the embedded class prompts (CLIP's prompt ensembling)."""
+        from mmjax.evaluate import contrastive as evaluators
+
+        prompts = np.asarray(self.dataset.class_prompts)
+        embed = jax.jit(lambda params, model_state, ids: self.model.apply(
+            {"params": params, **model_state}, "text", ids, method="embed"))
+        classes = evaluators.class_embeddings(np.asarray(embed(state.params, state.model_state, prompts)))
+        top_k = 5 if len(classes) > 5 else len(classes) - 1
+        return evaluators.zero_shot_metrics(image_embeddings, classes, labels, top_k=max(top_k, 1))
 
 
 _DATASETS: dict[str, Dataset] = {}
