@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.task = dict(name="clip")
     config.optimizer = dict(name="adamw", lr=1e-3, schedule="cosine", warmup_steps=100, end_lr_factor=0.01,
                             weight_decay=0.05, b1=0.9, b2=0.98, momentum=0.9, nesterov=False, grad_clip_norm=1.0)
-    config.train = dict(num_steps=1500, log_every_steps=100, eval_every_steps=500, frozen=(), init_from={},
+    config.train = dict(num_steps=1000, log_every_steps=100, eval_every_steps=500, frozen=(), init_from={},
                         grad_accum_steps=1)  # Contrastive losses need the whole batch: no accumulation.
     config.mesh = dict(fsdp=1)
     config.eval = dict(splits=("validation", "test", "test_seen"))
