@@ -31,5 +31,13 @@ setup(
         "tokenizers>=0.21,<0.24",
         "safetensors>=0.5,<0.9",
     ],
-    extras_require={"test": ["pytest>=8,<10"]},
+    extras_require={
+        "test": ["pytest>=8,<10"],
+        # Only to prepare or convert TFDS catalog data (`tfds build ...`, `tfds convert_format ...`, see
+        # mmjax.data.catalog); training reads array_record without TensorFlow. Not installed or tested here.
+        "tfrecord": [
+            "tensorflow-cpu>=2.19,<3; sys_platform != 'darwin'",
+            "tensorflow>=2.19,<3; sys_platform == 'darwin'",  # No tensorflow-cpu wheels for macOS.
+        ],
+    },
 )

@@ -180,3 +180,30 @@ def shapes_captions(data_config: ml_collections.ConfigDict) -> Dataset:
     from mmjax.data import shapes_captions as module
 
     return module.dataset(data_config)
+
+
+@DATASETS.register("coco_captions")
+def coco_captions(data_config: ml_collections.ConfigDict) -> Dataset:
+    """COCO 2014 captions (TFDS coco_captions, Karpathy splits), contrastive image-text; prepared data only
+    (see mmjax.data.catalog)."""
+    from mmjax.data import catalog
+
+    return catalog.coco_captions(data_config)
+
+
+@DATASETS.register("coco_objects")
+def coco_objects(data_config: ml_collections.ConfigDict) -> Dataset:
+    """COCO 2014 image + caption -> the 80 object categories present (multilabel), from the prepared TFDS
+    coco_captions data (see mmjax.data.catalog)."""
+    from mmjax.data import catalog
+
+    return catalog.coco_objects(data_config)
+
+
+@DATASETS.register("av_mnist")
+def av_mnist(data_config: ml_collections.ConfigDict) -> Dataset:
+    """AV-MNIST: TFDS mnist images paired with TFDS spoken_digit recordings of the same digit; prepared data only
+    (see mmjax.data.catalog)."""
+    from mmjax.data import catalog
+
+    return catalog.av_mnist(data_config)
