@@ -168,3 +168,4 @@ def build_task(task_config, num_classes: int, class_names: Sequence[str] = ()):
 
 
 from mmjax import contrastive as _contrastive  # noqa: E402,F401  (registers "clip" and "siglip")
+from mmjax import matching as _matching  # noqa: E402,F401  (registers "itm")

@@ -91,7 +91,7 @@ def _build(registry: Registry, cfg: ml_collections.ConfigDict, where: str, dtype
     return functools.partial(cls, **kwargs, **extra)
 
 
-MODEL_KINDS = ("fusion", "two_tower")
+MODEL_KINDS = ("fusion", "two_tower", "matching")
 
 
 def _check_dtype(model_config: ml_collections.ConfigDict) -> str | None:
@@ -106,7 +106,8 @@ def _check_dtype(model_config: ml_collections.ConfigDict) -> str | None:
 
 def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     """Builds the model of `config.model`: `name` "fusion" (default; `MultimodalModel`: encoders per modality,
-    fusion, head) or "two_tower" (`TwoTower` dual encoder for contrastive training).
+    fusion, head), "two_tower" (`TwoTower` dual encoder for contrastive training) or "matching" (`MatchingModel`:
+    dual encoder + image–text matching cross-encoder, config group `model.matching`).
 
     `model.dtype` (e.g. "bfloat16") is the compute dtype of every module that does not set its own; parameters
     stay float32 and losses are computed in float32 (mixed precision).
@@ -123,6 +124,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     }
     if kind == "two_tower":
         return _build_two_tower(model_config, encoders, dtype)
+    if kind == "matching":
+        return _build_matching(model_config, encoders, dtype)
     head = _build(HEADS, model_config.head, "model.head", dtype, num_classes=model_config.num_classes)
     fusion = _build(FUSIONS, model_config.fusion, "model.fusion", dtype)
     dropout = model_config.get("modality_dropout", 0.0)
@@ -151,3 +154,9 @@ def _build_two_tower(model_config, encoders, dtype) -> nn.Module:
         if bad:
             raise ValueError(f"config model.two_tower.aliases {bad} name no tower; towers: {sorted(encoders)}")
     return TwoTower(encoders=encoders, dtype=jnp.dtype(dtype) if dtype else None, **options)
+
+
+def _build_matching(model_config, encoders, dtype) -> nn.Module:
+    from mmjax.nn.matching import build_matching
+
+    return build_matching(model_config, encoders, dtype)
