@@ -137,6 +137,14 @@ def _check_shapes(variants):
     return check
 
 
+def _check_shapes_itm(workdir, stdout):
+    _check_shapes(("dual", "cross"))(workdir, stdout)
+    table = open(os.path.join(workdir, "binding.md")).read()
+    assert "cross-attention head (ITM logit)" in table and "dual encoder (cosine)" in table
+    cross = json.load(open(os.path.join(workdir, "binding.json")))["cross"]["test"]
+    assert 0 <= cross["itm_binding_accuracy"] <= 1
+
+
 # Per experiment: the overrides that make it tiny and a check of its outputs. A new experiment without an entry
 # fails the first test.
 TINY = {
@@ -160,6 +168,13 @@ TINY = {
         _check_shapes(("clip", "siglip")),
     ),
     "shapes_lit": (_tiny_shapes, _check_shapes(("lit",))),
+    "shapes_itm": (
+        lambda d: _tiny_shapes(d, **{"model.encoders.text.width": 16, "model.encoders.text.depth": 1,
+                                     "model.encoders.text.num_heads": 2, "model.encoders.text.mlp_dim": 32,
+                                     "matching.embed_dim": 8, "matching.fusion_dim": 16, "matching.num_layers": 1,
+                                     "matching.num_heads": 2, "matching.mlp_dim": 32}),
+        _check_shapes_itm,
+    ),
 }
 
 
