@@ -122,13 +122,7 @@ class _Contrastive:
     def metrics(self, eval_outputs: Mapping[str, np.ndarray], labels: np.ndarray) -> dict:
         from mmjax.evaluate import contrastive as evaluators
 
-        x, y = (np.asarray(eval_outputs[f"{t}_embedding"]) for t in self.towers)
-        if len(x) == 0:
-            raise ValueError("no examples to evaluate")
-        result = {"num_examples": int(len(x)), **evaluators.retrieval_metrics(x, y, names=self.towers)}
-        if "negatives_embedding" in eval_outputs:
-            result.update(evaluators.binding_metrics(x, y, np.asarray(eval_outputs["negatives_embedding"])))
-        return result
+        return evaluators.embedding_metrics(eval_outputs, self.towers)
 
 
 @TASKS.register("clip")

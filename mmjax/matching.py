@@ -75,21 +75,6 @@ def _as_columns(a: np.ndarray) -> np.ndarray:
     return a[:, None] if a.ndim == 1 else a.reshape(a.shape[0], -1)
 
 
-def score_binding_metrics(true: np.ndarray, false: np.ndarray, prefix: str = "") -> dict[str, float]:
-    """`binding_metrics` of `mmjax.evaluate.contrastive` on any scores: `true [N, K]` (each example's true
-    captions) and `false [N, M]` (its hard negatives). `{prefix}binding_accuracy`: P(true score > negative score)
-    over the N x K x M pairs; `{prefix}binding_all`: fraction of examples whose worst true caption beats their
-    best negative (strict inequalities: a tie is a failure)."""
-    true, false = _as_columns(true), _as_columns(false)
-    if len(true) != len(false):
-        raise ValueError(f"binding: {len(true)} examples of true-caption scores but {len(false)} of negatives")
-    pairs = true[:, :, None] > false[:, None, :]
-    return {
-        f"{prefix}binding_accuracy": float(pairs.mean()),
-        f"{prefix}binding_all": float(np.mean(true.min(axis=1) > false.max(axis=1))),
-    }
-
-
 def itm_classification_metrics(true: np.ndarray, false: np.ndarray | None = None) -> dict[str, float]:
     """ITM accuracy at logit 0: true captions should score > 0 and hard negatives < 0 (equal to 0 counts as
     wrong). `itm_accuracy` is over every pair (K true + M negatives per example); `itm_true_accuracy` and
@@ -173,15 +158,10 @@ class Itm:
     def metrics(self, eval_outputs: Mapping[str, np.ndarray], labels: np.ndarray) -> dict:
         from mmjax.evaluate import contrastive as evaluators
 
-        x, y = (np.asarray(eval_outputs[f"{t}_embedding"]) for t in self.towers)
-        if len(x) == 0:
-            raise ValueError("no examples to evaluate")
-        result = {"num_examples": int(len(x)), **evaluators.retrieval_metrics(x, y, names=self.towers)}
-        if "negatives_embedding" in eval_outputs:
-            result.update(evaluators.binding_metrics(x, y, np.asarray(eval_outputs["negatives_embedding"])))
+        result = evaluators.embedding_metrics(eval_outputs, self.towers)
         true = np.asarray(eval_outputs["itm_logits"])
         false = eval_outputs.get("negatives_itm_logits")
         if false is not None:
-            result.update(score_binding_metrics(true, np.asarray(false), prefix="itm_"))
+            result.update(evaluators.score_binding_metrics(true, np.asarray(false), prefix="itm_"))
         result.update(itm_classification_metrics(true, None if false is None else np.asarray(false)))
         return result

@@ -221,7 +221,7 @@ def test_eval_metrics():
     assert result["itm_accuracy"] == pytest.approx((np.sum(true > 0) + np.sum(false < 0)) / (n * (k + m)))
     assert result["num_examples"] == n and task.default_best_metric in result
     # On dot-product scores, the score version is the embedding binding metric.
-    scores = matching.score_binding_metrics(np.einsum("nd,nkd->nk", x, y), np.einsum("nd,nmd->nm", x, z))
+    scores = evaluators.score_binding_metrics(np.einsum("nd,nkd->nk", x, y), np.einsum("nd,nmd->nm", x, z))
     assert scores == pytest.approx(evaluators.binding_metrics(x, y, z))
     # Without negatives (one caption per image): retrieval and ITM accuracy on the true pairs.
     plain = task.metrics({"image_embedding": x, "text_embedding": y[:, 0], "itm_logits": true[:, 0]}, None)

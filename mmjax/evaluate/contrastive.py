@@ -67,16 +67,38 @@ def zero_shot_metrics(x: np.ndarray, classes: np.ndarray, labels: np.ndarray, to
     return {"zero_shot_top1": float(np.mean(rank <= 1)), f"zero_shot_top{top_k}": float(np.mean(rank <= top_k))}
 
 
+def score_binding_metrics(true: np.ndarray, false: np.ndarray, prefix: str = "") -> dict[str, float]:
+    """Binding from any scores (cosines, ITM logits): `true [N, K]` for each example's true captions, `false
+    [N, M]` for its hard negatives. `{prefix}binding_accuracy`: P(true score > negative score) over the N x K x M
+    pairs; `{prefix}binding_all`: fraction of examples whose worst true caption beats their best negative (a tie
+    is a failure)."""
+    true = np.asarray(true, np.float32).reshape(len(true), -1)
+    false = np.asarray(false, np.float32).reshape(len(false), -1)
+    if len(true) != len(false):
+        raise ValueError(f"binding: {len(true)} examples of true-caption scores but {len(false)} of negatives")
+    pairs = true[:, :, None] > false[:, None, :]
+    return {
+        f"{prefix}binding_accuracy": float(pairs.mean()),
+        f"{prefix}binding_all": float(np.mean(true.min(axis=1) > false.max(axis=1))),
+    }
+
+
 def binding_metrics(x: np.ndarray, y: np.ndarray, negatives: np.ndarray) -> dict[str, float]:
-    """`binding_accuracy`: P(score(true caption) > score(negative)) over pairs of each example's K true captions
-    `y [N, (K,) D]` and N_neg hard negatives `[N, N_neg, D]`; `binding_all`: fraction of examples whose worst
-    true caption beats their best negative."""
+    """`score_binding_metrics` of the cosine scores of images `x [N, D]` with their true captions `y [N, (K,) D]`
+    and hard negatives `[N, M, D]`."""
     captions = _as_captions(np.asarray(y, np.float32))
     x = np.asarray(x, np.float32)
     true = np.einsum("nd,nkd->nk", x, captions)
     false = np.einsum("nd,njd->nj", x, np.asarray(negatives, np.float32))
-    pairs = true[:, :, None] > false[:, None, :]
-    return {
-        "binding_accuracy": float(pairs.mean()),
-        "binding_all": float(np.mean(true.min(axis=1) > false.max(axis=1))),
-    }
+    return score_binding_metrics(true, false)
+
+
+def embedding_metrics(eval_outputs, towers: Sequence[str] = ("image", "text")) -> dict:
+    """Retrieval (and binding, when hard-negative embeddings are there) from a split's `<tower>_embedding`s."""
+    x, y = (np.asarray(eval_outputs[f"{t}_embedding"]) for t in towers)
+    if len(x) == 0:
+        raise ValueError("no examples to evaluate")
+    result = {"num_examples": int(len(x)), **retrieval_metrics(x, y, names=towers)}
+    if "negatives_embedding" in eval_outputs:
+        result.update(binding_metrics(x, y, np.asarray(eval_outputs["negatives_embedding"])))
+    return result
