@@ -500,3 +500,29 @@ def test_resize_image():
     np.testing.assert_array_equal(catalog.resize_image(same, 4), same)
     with pytest.raises(ValueError, match="resize"):
         catalog.resize_image(wide, 10, "stretch")
+
+
+def test_image_text_evaluators_run_on_the_coco_captions_recipe(mocked, tokenizer_path):
+    """The shapes_clip model and evaluators on catalog data: retrieval over the split's 5 captions per image."""
+    import jax
+
+    from experiments import shapes_clip
+    from mmjax.train import loop
+
+    config = shapes_clip.get_config()
+    config.data = dict(name="coco_captions", data_dir=mocked, tokenizer=tokenizer_path, image_size=IMAGE_SIZE,
+                       max_len=MAX_LEN, train_split="train", batch_size=8, eval_batch_size=8, num_threads=1,
+                       num_workers=0, cache_in_memory=False)
+    config.model.num_classes = 1
+    config.model.encoders.image = dict(name="vit", patch_size=8, width=16, depth=1, num_heads=2, mlp_dim=32)
+    config.model.encoders.text = dict(name="text_transformer", vocab_size=load_tokenizer(tokenizer_path)
+                                      .get_vocab_size(), max_len=MAX_LEN, width=16, depth=1, num_heads=2, mlp_dim=32)
+    config.eval.splits = ("val",)
+    s = loop.setup(config)
+    state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(0))
+    metrics = s.evaluate(s.eval_fn(), state, "val")
+    assert metrics["num_examples"] == COCO_SPLITS["val"]
+    for key in ("i2t_recall@1", "i2t_recall@10", "t2i_recall@5", "i2t_median_rank", "t2i_mean_rank", "loss"):
+        assert np.isfinite(metrics[key]), key
+    assert 0 <= metrics["t2i_recall@1"] <= metrics["t2i_recall@5"] <= metrics["t2i_recall@10"] <= 1
+    assert "binding_accuracy" not in metrics and "zero_shot_top1" not in metrics  # No negatives, no classes.
