@@ -15,7 +15,12 @@ Variants (`--config.variants`), the same image and text encoders as experiments/
 Both are scored on `test` (scenes containing held-out colour–shape pairs) and `test_seen` by attribute binding:
 P(a true caption scores above a hard negative that swaps two objects' attributes or flips their relation); chance
 is 0.5. The cross model is scored twice: with its ITM head and with its own dual embeddings. Writes
-`WORKDIR/binding.md` (and summary.json); the figures reached are in README "Image–text".
+`WORKDIR/binding.md` (and summary.json). Expected (seed 0, jax 0.10.2, 2 CPU cores; README "Image–text"):
+
+    | scored by                             | binding test | all beaten test | binding test_seen | i2t R@1 test |
+    | dual encoder (cosine)                 | 0.8552       | 0.4470          | 0.8590            | 0.4650       |
+    | cross-attention head (ITM logit)      | 0.8711       | 0.4730          | 0.8553            | 0.4920       |
+    | cross model's own embeddings (cosine) | 0.8516       | 0.4430          | 0.8538            | 0.4920       |
 """
 
 from __future__ import annotations
