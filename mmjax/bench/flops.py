@@ -2,7 +2,9 @@
 backward, rematerialised recomputation included), the count MFU is conventionally based on.
 
 XLA's own cost analysis is backend-dependent: after GPU optimisation, matmuls are cuBLAS library calls it counts
-as zero. Counting the jaxpr gives the same figure on every backend.
+as zero. Counting the jaxpr gives the same figure on every backend. A `while` loop's trip count is not known
+statically, so its body is counted once (train steps have none; `lax.scan`, e.g. gradient accumulation, is
+counted exactly).
 """
 
 from __future__ import annotations
@@ -52,14 +54,13 @@ def jaxpr_flops(jaxpr) -> float:
         elif name == "conv_general_dilated":
             total += _conv_flops(eqn)
         else:
-            inner = sum(jaxpr_flops(sub) for sub in _sub_jaxprs(eqn))
-            if name == "scan":
-                inner *= eqn.params["length"]
-            elif name == "while":  # Trip count unknown statically: counted once (documented under-count).
-                pass
-            elif name == "cond":  # One branch runs: count the most expensive.
+            # Sub-programs (jit, remat, custom_vjp, a while loop's body) count once; a scan's body runs `length`
+            # times; of a cond's branches only the most expensive counts.
+            if name == "cond":
                 inner = max((jaxpr_flops(b.jaxpr) for b in eqn.params["branches"]), default=0.0)
-            total += inner
+            else:
+                inner = sum(jaxpr_flops(sub) for sub in _sub_jaxprs(eqn))
+            total += inner * (eqn.params["length"] if name == "scan" else 1)
     return total
 
 

@@ -337,7 +337,12 @@ def step_memory(step_fn, abstract_state, batch) -> dict:
     `peak_bytes` counts arguments (state, batch), outputs and temporaries; on GPU the allocator's measured peak
     is added as `device_peak_bytes_in_use`.
     """
-    analysis = step_fn.lower(abstract_state, batch).compile().memory_analysis()
+    return compiled_memory(step_fn.lower(abstract_state, batch).compile())
+
+
+def compiled_memory(compiled) -> dict:
+    """`step_memory` of an already compiled step (`jax.stages.Compiled`)."""
+    analysis = compiled.memory_analysis()
     result = {}
     if analysis is not None:
         for key in ("peak_memory", "argument_size", "output_size", "temp_size", "alias_size"):
