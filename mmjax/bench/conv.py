@@ -37,6 +37,14 @@ gradient ~160-290 ms), in ms:
   summed: ~1.1-1.8x forward at one 40x50x16 example per chunk; chunks of ~128 KiB of input
   were best for every layer (32-512 KiB tried).
 
+With 32 or more input channels (8x8 32->64, 12x10 32->64, 25x20 32->64 stride 2) a patch matrix
+per chunk of 4-16 examples (0.5-2 MiB) and one matmul beat the per-chunk convolution by 1.3-1.8x;
+with 16 channels it lost (25x20: equal to 1.1x slower, 40x50: 1.5x slower) and one batched
+matmul over chunk groups was no faster than chunks unrolled. The encoders' ReLU + 2x2 max-pool
+backward (autodiff of ``jnp.max``: equality mask, tie counts, division, in several passes) was
+2-3x slower than a ``custom_vjp`` that routes each window's gradient to its first maximum in one
+pass (``mmjax.nn.layers.relu_max_pool_2x2``).
+
 Splitting the forward pass or the input gradient into example chunks gained nothing
 (1.0-1.25x); im2col forward was 1.1-2.3x slower; a polyphase input gradient for stride 2 was
 1.1-1.6x faster on 25x20x32 and 50x40x16 inputs, equal on 25x20x16 and 1.35x slower on 8x8x32,

@@ -58,6 +58,11 @@ CASES = [
     (2, 10, 7, 2, 3, (2, 3), (2, 1), ((1, 2), (0, 1))),
     (3, 13, 10, 8, 4, (3, 5), 2, "SAME"),
     (4, 12, 12, 1, 3, (3, 3), 2, ((-1, 1), (2, 0))),
+    # >= 32 input channels: the kernel gradient is a patch matmul.
+    (2, 6, 5, 32, 4, (3, 3), 1, "SAME"),
+    (2, 9, 7, 33, 2, (3, 3), 2, "VALID"),
+    (3, 7, 6, 32, 3, (2, 3), (2, 1), ((1, 2), (0, 1))),
+    (2, 8, 8, 32, 3, (3, 3), 2, ((-1, 1), (2, 0))),
 ]
 
 
@@ -85,10 +90,11 @@ def test_forward_and_both_gradients_match_lax(case):
         _assert_close(got, want)
 
 
-def test_kernel_grad_equal_for_every_chunking():
-    x, g = _random((6, 7, 5, 3), 0), _random((6, 4, 3, 4), 1)
+@pytest.mark.parametrize("cin", [3, 32])  # XLA's kernel-gradient convolution / the patch matmul per chunk
+def test_kernel_grad_equal_for_every_chunking(cin):
+    x, g = _random((6, 7, 5, cin), 0), _random((6, 4, 3, 4), 1)
     strides, padding = (2, 2), "SAME"
-    k = jnp.zeros((3, 3, 3, 4))
+    k = jnp.zeros((3, 3, cin, 4))
     want = jax.vjp(lambda b: _reference(x, b, strides, padding), k)[1](g)[0]
     pads = conv_lib.explicit_padding(padding, (7, 5), (3, 3), strides)
     all_chunkings = jax.jit(

@@ -130,6 +130,30 @@ def test_max_pool_2x2_equals_flax_max_pool_and_its_gradient(shape):
     np.testing.assert_array_equal(grad(max_pool_2x2), grad(reference))
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 49, 40, 4), (1, 5, 7, 2), (3, 1, 1, 1)])
+def test_relu_max_pool_2x2_equals_flax_and_its_gradient(shape):
+    import flax.linen as nn
+
+    from mmjax.nn.layers import relu_max_pool_2x2
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))  # No ties among positives.
+    reference = lambda v: nn.max_pool(nn.relu(v), (2, 2), strides=(2, 2), padding="SAME")
+    np.testing.assert_array_equal(jax.jit(relu_max_pool_2x2)(x), reference(x))
+    weights = jnp.arange(1.0, 1.0 + reference(x).size).reshape(reference(x).shape)
+    grad = lambda f: jax.jit(jax.grad(lambda v: jnp.sum(f(v) * weights)))(x)
+    np.testing.assert_array_equal(grad(relu_max_pool_2x2), grad(reference))
+
+
+def test_relu_max_pool_2x2_gives_a_tied_maximum_gradient_once():
+    from mmjax.nn.layers import relu_max_pool_2x2
+
+    x = jnp.array([[3.0, 3.0], [-1.0, 3.0]]).reshape(1, 2, 2, 1)  # Three tied maxima, one window.
+    grad = jax.grad(lambda v: relu_max_pool_2x2(v).sum())(x)
+    np.testing.assert_array_equal(grad.reshape(2, 2), [[1.0, 0.0], [0.0, 0.0]])
+    all_negative = jax.grad(lambda v: relu_max_pool_2x2(v).sum())(-jnp.abs(x))  # ReLU: no gradient.
+    np.testing.assert_array_equal(all_negative, jnp.zeros_like(x))
+
+
 @pytest.mark.parametrize(
     "modality, encoder",
     [

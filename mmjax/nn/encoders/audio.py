@@ -17,7 +17,7 @@ from einops import rearrange
 
 from mmjax.nn.common import Dtype, EncoderOutput, check_rank, to_dtype
 from mmjax.nn.conv import Conv
-from mmjax.nn.layers import max_pool_2x2
+from mmjax.nn.layers import relu_max_pool_2x2
 from mmjax.nn.transformer import Transformer, masked_mean, maybe_remat
 from mmjax.registry import ENCODERS
 
@@ -29,7 +29,7 @@ class _ConvStage(Conv):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        return max_pool_2x2(nn.relu(super().__call__(inputs)))
+        return relu_max_pool_2x2(super().__call__(inputs))
 
 
 @ENCODERS.register("spectrogram_cnn")

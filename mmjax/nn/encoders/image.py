@@ -26,7 +26,7 @@ from einops import rearrange
 
 from mmjax.nn.common import Dtype, EncoderOutput, check_rank, to_dtype
 from mmjax.nn.conv import Conv
-from mmjax.nn.layers import max_pool_2x2
+from mmjax.nn.layers import relu_max_pool_2x2
 from mmjax.nn.transformer import LAYER_NORM_EPS, Transformer, maybe_remat, remat_policy
 from mmjax.registry import ENCODERS
 
@@ -71,8 +71,7 @@ class SmallCNN(nn.Module):
 
             def stage(module, x, i=i, features=features):
                 conv = Conv(features, (3, 3), impl=self.conv_impl, dtype=self.dtype, parent=module, name=f"Conv_{i}")
-                x = nn.relu(conv(x))
-                return max_pool_2x2(x) if i in self.pool_after else x
+                return relu_max_pool_2x2(conv(x)) if i in self.pool_after else nn.relu(conv(x))
 
             if self.remat != "none":
                 stage = nn.remat(stage, policy=policy)
