@@ -105,9 +105,8 @@ def pad_token(tokenizer: Tokenizer) -> tuple[str, int]:
     )
 
 
-@contextlib.contextmanager
-def _padded_and_truncated(tokenizer: Tokenizer, max_len: int, pad: str | None) -> Iterator[int]:
-    """Temporarily sets fixed-length padding and truncation to `max_len`; yields the pad id."""
+def _set_fixed_length(tokenizer: Tokenizer, max_len: int, pad: str | None) -> int:
+    """Sets right-padding and truncation to exactly `max_len` tokens; returns the pad id."""
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     if pad is None:
@@ -116,10 +115,17 @@ def _padded_and_truncated(tokenizer: Tokenizer, max_len: int, pad: str | None) -
         pad_id = tokenizer.token_to_id(pad)
         if pad_id is None:
             raise ValueError(f"pad_token {pad!r} is not in the tokenizer's vocabulary")
-    padding, truncation = tokenizer.padding, tokenizer.truncation
     # Truncation keeps the post-processor's special tokens (e.g. [CLS] ... [SEP]) and cuts the text in between.
     tokenizer.enable_truncation(max_length=max_len)
     tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_token=pad, length=max_len)
+    return pad_id
+
+
+@contextlib.contextmanager
+def _padded_and_truncated(tokenizer: Tokenizer, max_len: int, pad: str | None) -> Iterator[int]:
+    """Temporarily sets fixed-length padding and truncation to `max_len`; yields the pad id."""
+    padding, truncation = tokenizer.padding, tokenizer.truncation
+    pad_id = _set_fixed_length(tokenizer, max_len, pad)
     try:
         yield pad_id
     finally:
@@ -150,7 +156,9 @@ def encode_batch(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, pad_t
 class TextEncoderOp:
     """Picklable `text -> int32 [max_len]` ids for data pipelines (e.g. `grain.MapDataset.map`).
 
-    Only the path travels to worker processes; each loads the tokenizer on first use.
+    Only the path travels to worker processes; each loads the tokenizer on first use and sets its fixed-length
+    padding and truncation once, never changing them afterwards, so Grain's reader threads can share it
+    (toggling them per call, as `encode_batch` does on a caller's tokenizer, races between threads).
     """
 
     def __init__(self, tokenizer_path: str, max_len: int, pad_token: str | None = None):
@@ -163,15 +171,14 @@ class TextEncoderOp:
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             tokenizer = load_tokenizer(self.tokenizer_path)
-            with _padded_and_truncated(tokenizer, self.max_len, self.pad_token):
-                pass  # Validates max_len and the pad token early.
+            _set_fixed_length(tokenizer, self.max_len, self.pad_token)
             self._tokenizer = tokenizer
         return self._tokenizer
 
     def __call__(self, text: str | bytes) -> np.ndarray:
         if isinstance(text, (bytes, np.bytes_)):
             text = text.decode("utf-8")
-        return encode_batch(self.tokenizer, [str(text)], self.max_len, self.pad_token)[0]
+        return np.asarray(self.tokenizer.encode(str(text)).ids, np.int32)
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_tokenizer"} | {"_tokenizer": None}

@@ -80,6 +80,19 @@ def test_text_encoder_op_is_picklable_and_lazy(trained, tmp_path):
     np.testing.assert_array_equal(clone(SAMPLES[0].encode()), op(SAMPLES[0]))
 
 
+def test_text_encoder_op_is_thread_safe(trained, tmp_path):
+    """Grain's reader threads share one op; texts of different lengths must never see each other's settings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kind, tokenizer = trained
+    op = TextEncoderOp(save_tokenizer(tokenizer, str(tmp_path / "tok.json")), max_len=16)
+    texts = [" ".join(["dog"] * (i % 23)) for i in range(3000)]
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(op, texts))
+    assert all(row.shape == (16,) and row.dtype == np.int32 for row in ids)
+    np.testing.assert_array_equal(np.stack(ids[:23]), encode_batch(tokenizer, texts[:23], 16))
+
+
 def test_existing_tokenizer_settings_are_restored(trained):
     _, tokenizer = trained
     tokenizer.enable_padding(pad_id=0, pad_token=SPECIAL_TOKENS[_][0], length=40)
