@@ -27,6 +27,8 @@ setup(
         "scikit-learn>=1.5,<2",
         "tensorboardX>=2.6,<3",
         "matplotlib>=3.9,<4",
+        "pillow>=10,<14",  # Image decode/resize/RandAugment (mmjax.data.ops, build, catalog); 13.0 tested.
+        "tqdm>=4.60,<5",  # Progress of python -m mmjax.data.build (also a TFDS dependency); 4.70 tested.
         "espeakng-loader>=0.2.4,<0.3",
         "tokenizers>=0.21,<0.24",
         "safetensors>=0.5,<0.9",

@@ -6,9 +6,20 @@ An unknown name fails with the list of valid names and the closest match, before
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Iterable, Sequence, TypeVar
 
 T = TypeVar("T")
+
+
+def closest(value: object, valid: Iterable[str]) -> str:
+    """` Did you mean 'x'?` for the valid name closest to `value` (difflib), or "" when none is close."""
+    close = difflib.get_close_matches(str(value), list(valid), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def invalid_choice(key: str, value: object, valid: Sequence[str]) -> str:
+    """The message for a config value outside a fixed set: `config KEY='x'; valid: a, b. Did you mean 'a'?`."""
+    return f"config {key}={value!r}; valid: {', '.join(valid)}.{closest(value, valid)}"
 
 
 class Registry(Generic[T]):
@@ -35,8 +46,7 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(str(name), self._items, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = closest(name, self._items)
         return f"unknown {self.kind} {name!r}.{hint} Valid names: {', '.join(sorted(self._items))}"
 
     def names(self) -> list[str]:
@@ -51,3 +61,4 @@ ENCODERS: Registry = Registry("encoder")
 FUSIONS: Registry = Registry("fusion")
 HEADS: Registry = Registry("head")
 DATASETS: Registry = Registry("dataset")
+PREPROCESS_OPS: Registry = Registry("preprocessing op")  # mmjax.data.ops: the ops of `config.data.preprocess`.

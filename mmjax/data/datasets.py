@@ -28,6 +28,11 @@ class Dataset:
     `numpy.random.Generator` that Grain seeds from the run's seed and the example's position in the stream, so a
     resumed run sees exactly the same augmented batches. It must be picklable too. `class_prompts` (image-text
     datasets) are the tokenised prompts per class that the zero-shot evaluator embeds with the text tower.
+
+    `optional_modalities` maps each modality that some examples lack to the `(shape, dtype)` of its preprocessed
+    array (no batch axis), e.g. `{"audio": ((49, 40), "float32")}`. `preprocess` may then return an example
+    without that key (or with `None`); the pipeline fills zeros of that shape and adds `<modality>_mask` (float32
+    1.0 present / 0.0 missing, which the fusion modules honour) to every example, so all batches have the same keys.
     """
 
     name: str
@@ -40,6 +45,26 @@ class Dataset:
     task: str = "classification"
     augment: Callable[[Example, np.random.Generator], Example] | None = None
     class_prompts: np.ndarray | None = None  # int32 [classes, templates, L] token ids, for zero-shot evaluation.
+    optional_modalities: Mapping[str, tuple[tuple[int, ...], str]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.optional_modalities) - set(self.modalities))
+        if unknown:
+            raise ValueError(
+                f"dataset {self.name!r}: optional_modalities {unknown} are not among its modalities "
+                f"{list(self.modalities)}"
+            )
+        specs = {}
+        for modality, spec in self.optional_modalities.items():
+            try:
+                shape, dtype = spec
+                specs[modality] = (tuple(int(d) for d in shape), str(np.dtype(dtype)))
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"dataset {self.name!r}: optional_modalities[{modality!r}]={spec!r} must be (shape, dtype), "
+                    f"e.g. ((49, 40), 'float32'): {error}"
+                ) from None
+        object.__setattr__(self, "optional_modalities", specs)  # Normalised: tuple shapes, dtype names.
 
 
 def build_on_process_zero(build: Callable[[], Any]) -> Any:
@@ -56,10 +81,85 @@ def build_on_process_zero(build: Callable[[], Any]) -> Any:
 
 
 def get_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
-    """Looks up `config.data.name` and builds the dataset (offline builders build on first use)."""
+    """Looks up `config.data.name` and builds the dataset (offline builders build on first use).
+
+    The dataset's description is checked (`check_dataset`) and its `preprocess` checks every label against the
+    task and `num_classes` (`CheckedLabels`), so a bad label fails when it is read, naming its value, instead of
+    training on a wrapped-around class or a NaN loss.
+    """
     if data_config.name not in DATASETS:
         raise ValueError(f"config data.name: {DATASETS.unknown_message(data_config.name)}")
-    return DATASETS.get(data_config.name)(data_config)
+    dataset = DATASETS.get(data_config.name)(data_config)
+    check_dataset(dataset)
+    if dataset.task in CheckedLabels.TASKS:
+        dataset = dataclasses.replace(
+            dataset, preprocess=CheckedLabels(dataset.preprocess, dataset.name, dataset.task, dataset.num_classes)
+        )
+    return dataset
+
+
+def check_dataset(dataset: Dataset) -> None:
+    """A dataset's own description is consistent: a positive number of outputs, one class name per output,
+    at least one modality, split sizes that are non-negative integers."""
+    where = f"dataset {dataset.name!r}"
+    if isinstance(dataset.num_classes, bool) or not isinstance(dataset.num_classes, (int, np.integer)) or (
+        dataset.num_classes <= 0
+    ):
+        raise ValueError(f"{where}: num_classes={dataset.num_classes!r} must be a positive integer")
+    if dataset.class_names and len(dataset.class_names) != dataset.num_classes:
+        raise ValueError(
+            f"{where}: {len(dataset.class_names)} label names {list(dataset.class_names)[:12]} for "
+            f"num_classes={dataset.num_classes}; every class needs exactly one name"
+        )
+    if not dataset.modalities:
+        raise ValueError(f"{where} provides no modality")
+    bad = {k: v for k, v in dataset.splits.items()
+           if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0}
+    if bad:
+        raise ValueError(f"{where}: split sizes {bad} must be non-negative integers")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedLabels:
+    """`preprocess`, then a host check of the example's label (picklable, for Grain workers).
+
+    classification: an integer in [0, num_classes) (a negative id would index the last classes, a large one give
+    a NaN loss); multilabel: `num_classes` finite values in [0, 1]; regression: `num_classes` finite values.
+    """
+
+    preprocess: Callable[[Mapping[str, Any]], Example]
+    dataset: str
+    task: str
+    num_classes: int
+
+    TASKS = ("classification", "multilabel", "regression")
+
+    def __call__(self, example: Mapping[str, Any]) -> Example:
+        out = self.preprocess(example)
+        if "label" in out:
+            check_label(out["label"], self.task, self.num_classes, f"dataset {self.dataset!r}")
+        return out
+
+
+def check_label(label: Any, task: str, num_classes: int, where: str) -> None:
+    """Raises a ValueError naming the label when it does not fit `task` with `num_classes` outputs."""
+    value = np.asarray(label)
+    shown = value.tolist() if value.size <= 16 else f"array of shape {value.shape}"
+    if task == "classification":
+        if value.shape != () or value.dtype.kind not in "iu":
+            raise ValueError(f"{where}: a classification label must be one integer class id, got {shown!r}")
+        if not 0 <= int(value) < num_classes:
+            raise ValueError(
+                f"{where}: label {int(value)} is out of range for {num_classes} classes "
+                f"(valid ids: 0..{num_classes - 1})"
+            )
+        return
+    if value.size != num_classes:
+        raise ValueError(f"{where}: a {task} label needs {num_classes} value(s), got shape {value.shape}: {shown!r}")
+    if value.dtype.kind not in "iuf" or not np.all(np.isfinite(value)):
+        raise ValueError(f"{where}: {task} label {shown!r} must be finite numbers")
+    if task == "multilabel" and not np.all((value >= 0) & (value <= 1)):
+        raise ValueError(f"{where}: multilabel label {shown!r} must be multi-hot (values in [0, 1])")
 
 
 AV_DIGITS_TARGETS = {"digit": "classification", "value": "regression", "digit_pair": "multilabel"}
@@ -207,3 +307,12 @@ def av_mnist(data_config: ml_collections.ConfigDict) -> Dataset:
     from mmjax.data import catalog
 
     return catalog.av_mnist(data_config)
+
+
+@DATASETS.register("files")
+def files(data_config: ml_collections.ConfigDict) -> Dataset:
+    """Your own data: a manifest of image / audio / text files and labels built by `python -m mmjax.data.build`
+    into `data.data_dir`, preprocessed by the `data.preprocess` op chains (see mmjax.data.files, mmjax.data.ops)."""
+    from mmjax.data import files as module
+
+    return module.dataset(data_config)

@@ -3,14 +3,22 @@
 Every process reads only its own rows of each global batch (after one global shuffle), so the global batch of
 step k holds the same examples in the same order whatever the number of processes or devices. The training
 iterator's position is checkpointed (Grain `get_state`/`set_state`), so a resumed run sees exactly the batches it would
-have seen.
+have seen; `device_prefetch` transfers the next batches to the devices in the background while keeping that position
+exact. Examples missing an optional modality get a zero placeholder and `<modality>_mask` = 0 (`example_fn`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import math
-from typing import Any, Iterator, Mapping
+import queue
+import threading
+import time
+import warnings
+import weakref
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
 import jax
@@ -22,6 +30,58 @@ VALID_KEY = "_valid"  # 1 for real examples, 0 for padding added to complete the
 
 Batch = dict[str, np.ndarray]
 InputSpec = dict[str, tuple[tuple[int, ...], str]]
+
+
+def mask_key(modality: str) -> str:
+    """The key of the `[B]` float32 presence mask of `modality` (1.0 present, 0.0 missing)."""
+    return f"{modality}_mask"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompleteExample:
+    """`preprocess` followed by filling the optional modalities an example lacks (picklable for Grain workers).
+
+    For each optional modality: a missing key or `None` becomes zeros of the declared shape and dtype with
+    `<modality>_mask` = 0.0; a present value must have that shape and dtype and gets mask 1.0. A mask already in
+    the example is kept, so completing twice (e.g. after the in-memory cache) changes nothing.
+    """
+
+    preprocess: Callable[[Mapping[str, Any]], Mapping[str, Any]]
+    optional: Mapping[str, tuple[tuple[int, ...], str]]
+    required: tuple[str, ...] = ()
+
+    def __call__(self, example: Mapping[str, Any]) -> Batch:
+        out = dict(self.preprocess(example))
+        for modality in self.required:
+            if modality in out and out[modality] is None:
+                raise ValueError(
+                    f"example has modality {modality!r} = None, but it is not one of the dataset's "
+                    f"optional_modalities {sorted(self.optional)}; declare its (shape, dtype) there to allow that"
+                )
+        for modality, (shape, dtype) in self.optional.items():
+            value = out.get(modality)
+            key = mask_key(modality)
+            if value is None:
+                out[modality], out[key] = np.zeros(shape, dtype), np.float32(0.0)
+                continue
+            value = np.asarray(value)
+            if value.shape != shape or str(value.dtype) != dtype:
+                raise ValueError(
+                    f"example[{modality!r}] has shape {value.shape} and dtype {value.dtype}, but the dataset "
+                    f"declares optional_modalities[{modality!r}] = ({shape}, {dtype!r})"
+                )
+            out[modality] = value
+            out[key] = np.float32(1.0 if out.get(key) is None else out[key])
+        return out
+
+
+def example_fn(dataset: Dataset) -> Callable[[Mapping[str, Any]], Batch]:
+    """The function turning a raw example into complete model inputs: `preprocess`, plus placeholders and masks
+    when the dataset has optional modalities (so every example, hence every batch, has the same keys)."""
+    if not dataset.optional_modalities:
+        return dataset.preprocess
+    required = tuple(m for m in dataset.modalities if m not in dataset.optional_modalities)
+    return CompleteExample(dataset.preprocess, dict(dataset.optional_modalities), required)
 
 
 def local_batch_size(global_batch_size: int) -> int:
@@ -63,7 +123,7 @@ def cache_in_memory(dataset: Dataset) -> Dataset:
 
     def source(split: str) -> InMemorySplit:
         if split not in splits:
-            splits[split] = InMemorySplit(dataset.source(split), dataset.preprocess)
+            splits[split] = InMemorySplit(dataset.source(split), example_fn(dataset))
         return splits[split]
 
     return dataclasses.replace(dataset, source=source, preprocess=_identity)
@@ -72,11 +132,16 @@ def cache_in_memory(dataset: Dataset) -> Dataset:
 def train_dataset(
     dataset: Dataset, split: str, *, global_batch_size: int, seed: int, num_threads: int = 2, num_workers: int = 0
 ) -> grain.IterDataset:
-    """An infinite, shuffled (reshuffled each epoch), batched stream of this process's shard of `split`."""
+    """An infinite, shuffled (reshuffled each epoch), batched stream of this process's shard of `split`.
+
+    `num_workers` > 0 preprocesses in that many Grain worker processes: the same batches as 0 (augmentations
+    included); the iterator state then records each worker's position, so it restores into a pipeline with the
+    same `num_workers`. The source, `preprocess` and `augment` must be picklable.
+    """
     source = dataset.source(split)
     if len(source) == 0:
         raise ValueError(f"dataset {dataset.name!r} split {split!r} is empty")
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).map(dataset.preprocess)
+    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).map(example_fn(dataset))
     if dataset.augment is not None:  # Seeded by (seed, position in the stream): resumes reproduce it.
         ds = ds.random_map(dataset.augment)
     # Global batch k is elements [k*B, (k+1)*B) of the shuffled stream; process p holds the contiguous rows
@@ -85,8 +150,19 @@ def train_dataset(
     ds = ds[jax.process_index() :: jax.process_count()]
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
     if num_workers > 0:
+        _absl_flags_parsed()
         iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     return iter_ds
+
+
+def _absl_flags_parsed() -> None:
+    """Marks absl flags parsed (their defaults) when no absl app parsed them: with JAX imported, Grain's
+    `mp_prefetch` reads an absl flag and otherwise fails with UnparsedFlagAccessError (google/grain#1355,
+    fixed after grain 0.2.18). Our command line is argparse, so nothing else parses absl flags."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def _pad(batch: Batch, size: int) -> Batch:
@@ -117,8 +193,10 @@ def eval_batches(
     stop = min(total, start + per_process)
     num_batches = math.ceil(per_process / local)
 
+    preprocess = example_fn(dataset)
+
     def with_valid(example: Mapping[str, Any]) -> Batch:
-        return dict(dataset.preprocess(example)) | {VALID_KEY: np.int32(1)}
+        return dict(preprocess(example)) | {VALID_KEY: np.int32(1)}
 
     yielded = 0
     if stop > start:
@@ -137,16 +215,36 @@ def eval_batches(
 
 
 def input_spec(dataset: Dataset, split: str) -> InputSpec:
-    """Shapes (without the batch axis) and dtypes of one training example (preprocessed and augmented): what the
-    model is built for."""
-    example = dataset.preprocess(dataset.source(split)[0])
+    """Shapes (without the batch axis) and dtypes of one training example (preprocessed, completed with the
+    optional modalities' placeholders and masks, and augmented): what the model is built for."""
+    example = example_fn(dataset)(dataset.source(split)[0])
     if dataset.augment is not None:
         example = dataset.augment(example, np.random.default_rng(0))
     return {k: (tuple(np.shape(v)), str(np.asarray(v).dtype)) for k, v in example.items()}
 
 
+def _check_finite(key: str, value: np.ndarray) -> None:
+    """NaN/Inf in a float array would silently turn the loss and every parameter into NaN: name the rows.
+
+    One sum is the fast path (~0.1 ms per MB); only a non-finite sum (NaN/Inf, or an overflow) looks closer.
+    """
+    if value.size == 0 or not (value.dtype.kind == "f" or value.dtype.name == "bfloat16"):
+        return
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(value.sum(dtype=np.float32)):
+            return
+    bad = ~np.isfinite(value.astype(np.float32))
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0]).tolist()
+        raise ValueError(
+            f"batch[{key!r}] has {int(bad.sum())} non-finite value(s) (NaN/Inf) in row(s) {rows[:10]}"
+            f"{' ...' if len(rows) > 10 else ''} of this batch; check the data and its preprocessing"
+        )
+
+
 def check_batch(batch: Mapping[str, np.ndarray], spec: InputSpec, batch_size: int) -> None:
-    """Raises a clear error when a host batch does not match the spec the model was built for."""
+    """Raises a clear error when a host batch does not match the spec the model was built for: a missing key,
+    a shape or dtype other than the spec's, or NaN/Inf in a float array."""
     missing = sorted(set(spec) - set(batch))
     if missing:
         raise KeyError(f"batch is missing key(s) {missing}; expected {sorted(spec)}, got {sorted(batch)}")
@@ -157,8 +255,228 @@ def check_batch(batch: Mapping[str, np.ndarray], spec: InputSpec, batch_size: in
             raise ValueError(f"batch[{key!r}] has shape {value.shape}, expected {expected}")
         if str(value.dtype) != dtype:
             raise ValueError(f"batch[{key!r}] has dtype {value.dtype}, expected {dtype}")
+        _check_finite(key, value)
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
     """Assembles process-local numpy batches into global jax.Arrays sharded along the batch axis."""
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def checked_to_global(
+    spec: InputSpec, keys: Sequence[str], batch_size: int, sharding: jax.sharding.Sharding
+) -> Callable[[Mapping[str, np.ndarray]], dict[str, jax.Array]]:
+    """The per-batch work between the host iterator and the train step: `check_batch` against `spec` (with the
+    process-local `batch_size`), keep `keys`, and `to_global`. Give it to `device_prefetch` as `to_device`."""
+    keys = tuple(keys)
+
+    def to_device(batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        check_batch(batch, spec, batch_size)
+        return to_global({k: batch[k] for k in keys}, sharding)
+
+    return to_device
+
+
+class _Failure:
+    """An exception raised in the producer thread, carried to the consumer."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+_END = object()  # The host iterator is exhausted.
+
+
+def _put(buffer: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Puts `item` unless `stop` is set first; returns whether it was put (never blocks past a stop)."""
+    while not stop.is_set():
+        try:
+            buffer.put(item, timeout=0.05)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _produce(iterator, to_device, buffer: queue.Queue, stop: threading.Event) -> None:
+    """Producer thread: `(to_device(batch), iterator state after that batch)` items, then `_END` or a `_Failure`.
+
+    It holds no reference to the `DevicePrefetcher`, so an abandoned prefetcher is garbage collected (and its
+    finalizer stops this thread)."""
+    try:
+        while not stop.is_set():
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                _put(buffer, _END, stop)
+                return
+            item = (to_device(batch), copy.deepcopy(iterator.get_state()))
+            if not _put(buffer, item, stop):
+                return
+    except BaseException as error:  # noqa: BLE001 - everything reaches the consumer, which re-raises it.
+        _put(buffer, _Failure(error), stop)
+
+
+def _stop_thread(thread: threading.Thread | None, buffer: queue.Queue | None, stop: threading.Event,
+                 timeout: float = 60.0) -> None:
+    """Stops a producer: sets `stop`, empties the queue (dropping prefetched batches), joins the thread."""
+    stop.set()
+    if thread is None:
+        return
+    while True:
+        while buffer is not None:
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                break
+        thread.join(timeout=0.05)
+        timeout -= 0.05
+        if not thread.is_alive():
+            return
+        if timeout <= 0:
+            warnings.warn("device_prefetch: the producer thread is still inside the host iterator or the transfer "
+                          "after 60 s; leaving it (a daemon thread) behind", RuntimeWarning, stacklevel=3)
+            return
+
+
+class DevicePrefetcher:
+    """Iterator over device batches: a background thread keeps the next `size` host batches already transferred
+    (`to_device(batch)`, e.g. `checked_to_global`) while the caller's step computes (at most `size` + 1 batches
+    beyond the current one exist at a time: the queue's and the one the thread is transferring).
+
+    * Exceptions from the host iterator or `to_device` are re-raised by `next()` (original type and traceback).
+    * Checkpointing: the producer records the host iterator's `get_state()` after each batch, and `get_state()`
+      returns the state after the last batch *returned by next()*, not after the prefetched ones. It follows the
+      protocol of Grain's Orbax handler for non-dataset iterators (`get_state() -> bytes`, `set_state(bytes)`,
+      `start_prefetch()`), so pass the prefetcher itself to `grain.checkpoint.CheckpointSave` / `CheckpointRestore`
+      (`Checkpointer.save` / `restore_latest`). The bytes are `json.dumps(state, indent=4)`, exactly what the handler
+      writes for a Grain `DatasetIterator`, so checkpoints of either restore into the other. `set_state` stops the
+      thread, drops the prefetched batches and moves the host iterator; prefetching restarts on the next `next()`.
+    * Input wait: `wait_seconds` is the total time `next()` spent blocked on the queue; `take_wait_seconds()` returns
+      the time since its previous call (for the fraction of step time spent waiting for input).
+    * `close()` (or the context manager, or garbage collection, or interpreter exit) stops the thread and closes the
+      host iterator (Grain threads / worker processes). The thread starts on the first `next()` or `start_prefetch()`.
+    """
+
+    def __init__(self, iterator: Iterator[Mapping[str, np.ndarray]], to_device: Callable[[Any], Any], size: int = 2):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"device_prefetch size={size!r} must be a positive integer (batches kept on device)")
+        if not (hasattr(iterator, "get_state") and hasattr(iterator, "set_state")):
+            raise TypeError(
+                f"device_prefetch needs a checkpointable iterator (get_state/set_state), got {type(iterator)}"
+            )
+        self._iterator = iterator
+        self._to_device = to_device
+        self.size = size
+        self._state = copy.deepcopy(iterator.get_state())  # The position after the last consumed batch (none yet).
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._finalizer: weakref.finalize | None = None
+        self._outcome: BaseException | None = None  # Set once the producer ended (StopIteration or its error).
+        self._closed = False
+        self.wait_seconds = 0.0
+        self._taken = 0.0
+
+    # Iteration.
+    def __iter__(self) -> "DevicePrefetcher":
+        return self
+
+    def __next__(self) -> Any:
+        if self._closed:
+            raise RuntimeError("next() on a closed DevicePrefetcher")
+        if self._outcome is not None:
+            raise self._outcome
+        self.start_prefetch()
+        start = time.perf_counter()
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    self._outcome = RuntimeError("device_prefetch: the producer thread ended without a result")
+                    raise self._outcome
+        self.wait_seconds += time.perf_counter() - start
+        if item is _END:
+            self._outcome = StopIteration()
+            raise StopIteration
+        if isinstance(item, _Failure):
+            self._outcome = item.error
+            raise item.error
+        batch, self._state = item
+        return batch
+
+    @property
+    def prefetched(self) -> int:
+        """Batches transferred and waiting in the queue (0 before the thread starts): the prefetch depth."""
+        return 0 if self._queue is None else self._queue.qsize()
+
+    def take_wait_seconds(self) -> float:
+        """Seconds `next()` spent waiting for input since the previous call (the first: since the start)."""
+        waited, self._taken = self.wait_seconds - self._taken, self.wait_seconds
+        return waited
+
+    # Grain checkpoint protocol (see the class docstring).
+    def get_state(self) -> bytes:
+        """The host iterator's state after the last batch `next()` returned, as JSON bytes."""
+        return json.dumps(self._state, indent=4).encode()
+
+    @property
+    def state(self) -> Any:
+        """The same position as `get_state()`, as the host iterator's own state object (a dict for Grain)."""
+        return copy.deepcopy(self._state)
+
+    def set_state(self, state: bytes | str | Mapping[str, Any]) -> None:
+        """Moves to a saved position: the next `next()` returns the batch after it (prefetched batches dropped)."""
+        if isinstance(state, (bytes, str)):
+            state = json.loads(state)
+        self._shutdown()
+        self._iterator.set_state(state)
+        self._state = copy.deepcopy(self._iterator.get_state())
+        self._outcome = None
+
+    def start_prefetch(self) -> None:
+        """Starts the producer thread if it is not running (Grain's checkpoint handler calls this after restore)."""
+        if self._closed:
+            raise RuntimeError("start_prefetch() on a closed DevicePrefetcher")
+        if self._thread is not None or self._outcome is not None:
+            return
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self.size)
+        self._thread = threading.Thread(
+            target=_produce, args=(self._iterator, self._to_device, self._queue, self._stop),
+            name="mmjax-device-prefetch", daemon=True,
+        )
+        # Stops the thread when the prefetcher is garbage collected or at interpreter exit, whichever comes first.
+        self._finalizer = weakref.finalize(self, _stop_thread, self._thread, self._queue, self._stop)
+        self._thread.start()
+
+    def _shutdown(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()  # Runs `_stop_thread` once.
+        self._thread, self._queue, self._finalizer = None, None, None
+
+    def close(self) -> None:
+        """Stops the producer thread (dropping prefetched batches) and closes the host iterator; idempotent."""
+        if self._closed:
+            return
+        self._shutdown()
+        self._closed = True
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "DevicePrefetcher":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def device_prefetch(
+    iterator: Iterator[Mapping[str, np.ndarray]], to_device: Callable[[Any], Any], size: int = 2
+) -> DevicePrefetcher:
+    """`iterator`'s batches passed through `to_device` (e.g. `checked_to_global`) `size` batches ahead in a
+    background thread; checkpoint the returned `DevicePrefetcher` instead of `iterator` (see its docstring)."""
+    return DevicePrefetcher(iterator, to_device, size)
