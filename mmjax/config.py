@@ -58,6 +58,30 @@ def _literal_or_text(text: str) -> Any:
         return text.strip()
 
 
+_ELEMENT_KINDS = (  # (name, test) for the elements of a sequence value, most specific first.
+    ("a bool", lambda v: isinstance(v, bool)),
+    ("an int", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    ("a str", lambda v: isinstance(v, str)),
+)
+
+
+def _check_elements(key: str, text: str, value: tuple | list, current: tuple | list) -> None:
+    """A sequence whose current elements are all of one kind (ints, numbers, strings) keeps that kind: `(4, x)` for
+    `features=(32, 64)` is a typo, not a new type."""
+    if not current:
+        return
+    for kind, test in _ELEMENT_KINDS:
+        if all(test(v) for v in current):
+            bad = [v for v in value if not test(v)]
+            if bad:
+                raise ConfigError(
+                    f"config key {key!r} expects a sequence whose elements are each {kind}, got {text!r} "
+                    f"(element {bad[0]!r} is not; current value {tuple(current)!r})"
+                )
+            return
+
+
 def parse_value(key: str, text: str, current: Any) -> Any:
     """Parses `text` into the type of `current`, the value the key has now."""
     if isinstance(current, bool):
@@ -70,7 +94,14 @@ def parse_value(key: str, text: str, current: Any) -> Any:
         if current is None:  # An unset optional value: take the text as a string.
             return text
         if isinstance(current, (tuple, list)):  # `a,b,c`: a sequence of bare words.
-            return type(current)(_literal_or_text(part) for part in text.split(",") if part.strip())
+            if text.strip()[:1] in "([{" or text.strip()[-1:] in ")]}":
+                raise ConfigError(
+                    f"config key {key!r}: {text!r} is not a valid Python literal (unbalanced brackets?); "
+                    f"write e.g. {tuple(current)!r} or a,b,c"
+                ) from None
+            value = type(current)(_literal_or_text(part) for part in text.split(",") if part.strip())
+            _check_elements(key, text, value, current)
+            return value
         raise ConfigError(
             f"config key {key!r} expects {type(current).__name__}, got {text!r} (not a Python literal)"
         ) from None
@@ -89,6 +120,7 @@ def parse_value(key: str, text: str, current: Any) -> Any:
             value = (value,)
         if not isinstance(value, (tuple, list)):
             raise ConfigError(f"config key {key!r} expects a sequence, got {text!r}")
+        _check_elements(key, text, value, current)
         return type(current)(value)
     if isinstance(value, type(current)):
         return value

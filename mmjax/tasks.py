@@ -18,9 +18,21 @@ import optax
 from sklearn import metrics as skm
 
 from mmjax.metrics import classification_metrics
-from mmjax.registry import Registry
+from mmjax.registry import Registry, invalid_choice
 
 TASKS: Registry = Registry("task")
+
+
+def check_outputs(task, num_classes: int, class_names: Sequence[str]) -> None:
+    """The number of outputs is a positive int and the class names (when given) name each of them once."""
+    name = type(task).__name__
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes <= 0:
+        raise ValueError(f"{name}: num_classes={num_classes!r} must be a positive integer (config model.num_classes)")
+    if class_names and len(class_names) != num_classes:
+        raise ValueError(
+            f"{name}: {len(class_names)} class names {list(class_names)[:12]} for num_classes={num_classes}; "
+            "the dataset's label names and config model.num_classes must agree"
+        )
 
 
 @TASKS.register("classification")
@@ -34,6 +46,12 @@ class Classification:
 
     label_rank: ClassVar[int] = 1  # [B]
     default_best_metric: ClassVar[str] = "accuracy"
+    metric_names: ClassVar[tuple[str, ...]] = ("accuracy", "macro_f1")  # Scalars of `metrics` (+ "loss").
+
+    def __post_init__(self):
+        check_outputs(self, self.num_classes, self.class_names)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"config task.label_smoothing={self.label_smoothing!r} must be in [0, 1)")
 
     def loss(self, outputs: jax.Array, labels: jax.Array) -> jax.Array:
         """Per-example loss `[B]`."""
@@ -65,6 +83,12 @@ class MultiLabel:
 
     label_rank: ClassVar[int] = 2  # [B, K] multi-hot
     default_best_metric: ClassVar[str] = "mAP"
+    metric_names: ClassVar[tuple[str, ...]] = ("subset_accuracy", "micro_f1", "macro_f1", "mAP")
+
+    def __post_init__(self):
+        check_outputs(self, self.num_classes, self.class_names)
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"config task.threshold={self.threshold!r} must be in (0, 1)")
 
     def loss(self, outputs: jax.Array, labels: jax.Array) -> jax.Array:
         return optax.sigmoid_binary_cross_entropy(outputs.astype(jnp.float32), labels.astype(jnp.float32)).sum(-1)
@@ -107,10 +131,12 @@ class Regression:
 
     label_rank: ClassVar[int] = 1  # [B] (one output) or [B, K]
     default_best_metric: ClassVar[str] = "mae"
+    metric_names: ClassVar[tuple[str, ...]] = ("mae", "mse", "rmse", "pearson")
 
     def __post_init__(self):
+        check_outputs(self, self.num_classes, self.class_names)
         if self.loss_type not in ("mse", "mae"):
-            raise ValueError(f"config task.loss_type={self.loss_type!r}; valid: mse, mae")
+            raise ValueError(invalid_choice("task.loss_type", self.loss_type, ("mse", "mae")))
 
     def _match(self, outputs: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
         outputs = outputs.astype(jnp.float32)

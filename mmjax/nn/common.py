@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import flax.struct
 import jax
@@ -30,3 +31,15 @@ def check_rank(name: str, x: jax.Array, rank: int, layout: str) -> None:
 def to_dtype(x: jax.Array, dtype: Dtype | None) -> jax.Array:
     """Casts integer inputs (e.g. uint8 pixels) and others to the compute dtype (default float32)."""
     return jnp.asarray(x, dtype or jnp.float32)
+
+
+@contextlib.contextmanager
+def config_context(where: str) -> Iterator[None]:
+    """Prefixes a ValueError/TypeError raised inside (e.g. an encoder's shape check at trace time) with the config
+    key of the module that raised it (`model.encoders.text: ...`), so the message says which part to fix."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if type(e) not in (ValueError, TypeError) or str(e).startswith(where):
+            raise
+        raise type(e)(f"{where}: {e}") from e

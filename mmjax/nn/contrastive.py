@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.nn.common import Dtype
+from mmjax.nn.common import Dtype, config_context
 
 # Trailing axes that make one example of a modality; leading axes beyond the batch axis are flattened.
 FEATURE_RANKS = {"image": 3, "audio": 2, "text": 1, "table": 1}
@@ -60,7 +60,8 @@ class TwoTower(nn.Module):
             raise ValueError(f"TwoTower: {modality} input of shape {x.shape} needs a batch axis and {rank} more")
         leading = x.shape[: x.ndim - rank]
         flat = x.reshape((-1, *x.shape[x.ndim - rank:]))
-        pooled = self.encoders[modality](flat, train=train).pooled
+        with config_context(f"model.encoders.{modality}"):
+            pooled = self.encoders[modality](flat, train=train).pooled
         return l2_normalize(self.projections[modality](pooled)).reshape((*leading, self.embed_dim))
 
     def __call__(self, batch: Mapping[str, jax.Array], *, train: bool) -> dict[str, jax.Array]:

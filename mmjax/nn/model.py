@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 # Importing the module files registers their encoders, fusions and heads.
 from mmjax.nn import fusion as _fusion  # noqa: F401
@@ -18,7 +19,10 @@ from mmjax.nn.encoders import audio as _audio  # noqa: F401
 from mmjax.nn.encoders import image as _image  # noqa: F401
 from mmjax.nn.encoders import tabular as _tabular  # noqa: F401
 from mmjax.nn.encoders import text as _text  # noqa: F401
-from mmjax.registry import ENCODERS, FUSIONS, HEADS, Registry
+from mmjax.nn.common import config_context
+from mmjax.nn.conv import IMPLS as CONV_IMPLS
+from mmjax.nn.transformer import ATTENTION_IMPLS, REMAT_POLICIES
+from mmjax.registry import ENCODERS, FUSIONS, HEADS, Registry, invalid_choice
 
 
 class MultimodalModel(nn.Module):
@@ -43,12 +47,19 @@ class MultimodalModel(nn.Module):
                 f"batch is missing modality {', '.join(map(repr, missing))}; the model encodes "
                 f"{sorted(self.encoders)} and the batch has keys {sorted(batch)}"
             )
-        features = {m: self.encoders[m](batch[m], train=train) for m in sorted(self.encoders)}
+        features = {}
+        for m in sorted(self.encoders):
+            with config_context(f"model.encoders.{m}"):
+                features[m] = self.encoders[m](batch[m], train=train)
         masks = {m: batch[f"{m}_mask"] for m in features if f"{m}_mask" in batch}
         if train and self.modality_dropout > 0 and len(features) > 1:
             masks = self._drop_modalities(masks, features)
-        fused = self.fusion(features, masks=masks or None, train=train)
-        return fused if self.head is None else self.head(fused, train=train)
+        with config_context("model.fusion"):
+            fused = self.fusion(features, masks=masks or None, train=train)
+        if self.head is None:
+            return fused
+        with config_context("model.head"):
+            return self.head(fused, train=train)
 
     def _drop_modalities(self, masks: dict, features: dict) -> dict:
         modalities = sorted(features)
@@ -60,6 +71,86 @@ class MultimodalModel(nn.Module):
         kept = present * keep
         kept = jnp.where(kept.sum(axis=1, keepdims=True) > 0, kept, present)
         return {m: kept[:, i] for i, m in enumerate(modalities)}
+
+
+# Module fields that count something (channels, widths, layers, heads, positions, patch sizes): each must be a
+# positive int (or a sequence of them). A zero or negative value otherwise fails deep inside Flax/XLA with a
+# message that names no config key, or (zero) builds an empty layer and trains silently.
+POSITIVE_FIELDS = frozenset({
+    "width", "depth", "num_heads", "mlp_dim", "dim", "hidden", "features", "num_layers", "rank", "patch_size",
+    "patch_time", "patch_freq", "stride_time", "stride_freq", "vocab_size", "max_len", "num_bottlenecks",
+    "embed_dim", "fusion_dim", "image_size", "num_classes",
+})
+RATE_FIELDS = frozenset({"dropout", "attention_dropout"})  # Probabilities in [0, 1).
+CHOICE_FIELDS = {"remat": REMAT_POLICIES, "attention_impl": ATTENTION_IMPLS, "conv_impl": CONV_IMPLS}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+    return _is_int(v) or isinstance(v, (float, np.floating))
+
+
+def _sequence_of(test: Any) -> Any:
+    """A test for a tuple/list/array whose elements each pass `test`."""
+    return lambda v: isinstance(v, (tuple, list, np.ndarray)) and all(test(x) for x in v)
+
+
+_ANNOTATION_KINDS = {  # A field's annotation (a string: modules use postponed annotations) -> value test.
+    "int": _is_int,
+    "float": _is_number,
+    "bool": lambda v: isinstance(v, (bool, np.bool_)),
+    "str": lambda v: isinstance(v, str),
+    "None": lambda v: v is None,
+    "Sequence[int]": _sequence_of(_is_int),
+    "Sequence[float]": _sequence_of(_is_number),
+    "tuple[float, ...]": _sequence_of(_is_number),
+}
+_ANNOTATION_WORDS = {"int": "an int", "float": "a number", "bool": "a bool (True/False)", "str": "a string",
+                     "None": "None", "Sequence[int]": "a tuple of ints", "Sequence[float]": "a tuple of numbers",
+                     "tuple[float, ...]": "a tuple of numbers"}
+
+
+def _numbers(value: Any) -> list:
+    """The numbers in a field value (an int, or a tuple of ints like `features`)."""
+    values = list(value) if isinstance(value, (tuple, list, np.ndarray)) else [value]
+    return [v for v in values if _is_number(v)]
+
+
+def check_fields(cls: type, kwargs: Mapping[str, Any], where: str) -> None:
+    """Checks config values against a module's fields before anything is traced: the type its annotation names
+    (`int`, `float`, `Sequence[int]`, ... and unions of them), positive sizes, rates in [0, 1), known choices."""
+    annotations = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in sorted(kwargs.items()):
+        annotation = annotations.get(key)
+        options = [o.strip() for o in annotation.split("|")] if isinstance(annotation, str) else []
+        if options and all(o in _ANNOTATION_KINDS for o in options):
+            if not any(_ANNOTATION_KINDS[o](value) for o in options):
+                expected = " or ".join(_ANNOTATION_WORDS[o] for o in options)
+                raise ValueError(f"config {where}.{key}={value!r} must be {expected}, got {type(value).__name__}")
+        if key in POSITIVE_FIELDS and value is not None:
+            bad = [v for v in _numbers(value) if v <= 0]
+            if bad and isinstance(value, (tuple, list, np.ndarray)):
+                raise ValueError(f"config {where}.{key}={value!r} must hold positive integers (sizes); {bad[0]} is not")
+            if bad:
+                raise ValueError(f"config {where}.{key}={value!r} must be a positive integer (it is a size)")
+        if key in RATE_FIELDS and _is_number(value) and not 0.0 <= value < 1.0:
+            raise ValueError(f"config {where}.{key}={value!r} must be a probability in [0, 1)")
+        if key in CHOICE_FIELDS and value not in CHOICE_FIELDS[key]:
+            raise ValueError(invalid_choice(f"{where}.{key}", value, CHOICE_FIELDS[key]))
+
+
+def _compute_dtype(value: Any, where: str) -> jnp.dtype:
+    """A floating-point compute dtype from a config string ("bfloat16", "float32", ...)."""
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        raise ValueError(f"config {where}={value!r} is not a dtype (e.g. bfloat16, float32)") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"config {where}={value!r} must be a floating-point compute dtype (e.g. bfloat16, float32)")
+    return dtype
 
 
 def _build(registry: Registry, cfg: ml_collections.ConfigDict, where: str, dtype: Any = None, **extra: Any):
@@ -81,13 +172,11 @@ def _build(registry: Registry, cfg: ml_collections.ConfigDict, where: str, dtype
             f"valid fields: {', '.join(sorted(fields - set(extra)))}"
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    check_fields(cls, {**kwargs, **extra}, where)
     if dtype and "dtype" in fields and not kwargs.get("dtype"):
         kwargs["dtype"] = dtype
     if isinstance(kwargs.get("dtype"), str):  # "bfloat16" from a config or the command line.
-        try:
-            kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
-        except TypeError:
-            raise ValueError(f"config {where}.dtype={kwargs['dtype']!r} is not a dtype (e.g. bfloat16, float32)")
+        kwargs["dtype"] = _compute_dtype(kwargs["dtype"], f"{where}.dtype")
     return functools.partial(cls, **kwargs, **extra)
 
 
@@ -97,10 +186,7 @@ MODEL_KINDS = ("fusion", "two_tower", "matching")
 def _check_dtype(model_config: ml_collections.ConfigDict) -> str | None:
     dtype = model_config.get("dtype") or None
     if dtype is not None:
-        try:
-            jnp.dtype(dtype)
-        except TypeError:
-            raise ValueError(f"config model.dtype={dtype!r} is not a dtype (e.g. bfloat16, float32)")
+        _compute_dtype(dtype, "model.dtype")
     return dtype
 
 
@@ -114,7 +200,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     """
     kind = model_config.get("name", "fusion")
     if kind not in MODEL_KINDS:
-        raise ValueError(f"config model.name={kind!r}; valid: {', '.join(MODEL_KINDS)}")
+        raise ValueError(invalid_choice("model.name", kind, MODEL_KINDS))
     if not model_config.encoders:
         raise ValueError("config model.encoders is empty: name at least one modality's encoder")
     dtype = _check_dtype(model_config)
@@ -126,11 +212,20 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
         return _build_two_tower(model_config, encoders, dtype)
     if kind == "matching":
         return _build_matching(model_config, encoders, dtype)
-    head = _build(HEADS, model_config.head, "model.head", dtype, num_classes=model_config.num_classes)
+    num_classes = model_config.get("num_classes")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+        raise ValueError(f"config model.num_classes={num_classes!r} must be a positive integer (the head's outputs)")
+    head = _build(HEADS, model_config.head, "model.head", dtype, num_classes=num_classes)
     fusion = _build(FUSIONS, model_config.fusion, "model.fusion", dtype)
+    needed = getattr(fusion.func, "min_modalities", 1)
+    if len(encoders) < needed:
+        raise ValueError(
+            f"config model.fusion.name={model_config.fusion.name!r} needs at least {needed} modalities, but "
+            f"model.encoders has {len(encoders)} ({sorted(encoders)}); use 'concat' for a single-modality model"
+        )
     dropout = model_config.get("modality_dropout", 0.0)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"config model.modality_dropout={dropout} must be in [0, 1)")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"config model.modality_dropout={dropout!r} must be in [0, 1)")
     if fusion.func.produces_logits:  # Decision-level: the fusion owns one head per modality.
         return MultimodalModel(encoders=encoders, fusion=fusion(head=head), head=None, modality_dropout=dropout)
     return MultimodalModel(encoders=encoders, fusion=fusion(), head=head(), modality_dropout=dropout)
