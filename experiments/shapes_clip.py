@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
         max_len=24,
         train_split="train",
         batch_size=128,
-        eval_batch_size=250,
+        eval_batch_size=256,  # A multiple of 8 devices; evaluation pads the last batch and drops the padding.
         num_threads=1,
         num_workers=0,
         cache_in_memory=True,  # 8,000 small scenes: decode and tokenise once.
