@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
         eval_batch_size=32,
         num_threads=2,
         num_workers=0,
+        prefetch=2,  # Batches checked and sent to the devices ahead of the step, by a background thread.
         cache_in_memory=False,  # The synthetic pool already lives in memory.
     )
     config.model = dict(

@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
         eval_batch_size=256,  # A multiple of 8 devices; evaluation pads the last batch and drops the padding.
         num_threads=1,
         num_workers=0,
+        prefetch=2,  # Batches checked and sent to the devices ahead of the step, by a background thread.
         cache_in_memory=True,  # 8,000 small scenes: decode and tokenise once.
     )
     config.model = dict(

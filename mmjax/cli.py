@@ -1,11 +1,18 @@
-"""Command line shared by every experiment: `python -m experiments.NAME --workdir DIR --config.a.b=value ...`."""
+"""Command line shared by every experiment: `python -m experiments.NAME --workdir DIR --config.a.b=value ...`.
+
+Exit status: 0 when done; `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL) when the run stopped early after saving a
+checkpoint (SIGTERM, SIGINT, or `--time_limit_s` / `train.time_limit_s` about to run out): run the same command
+again to continue; 2 for a bad command line or config; 1 for any other error (e.g. a NaN loss, a failed write).
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -32,9 +39,11 @@ def _split_overrides(rest: Sequence[str], parser: argparse.ArgumentParser) -> li
 
 HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 NO_REEXEC_ENV = "MMJAX_NO_MALLOC_TUNING"
+START_TIME_ENV = "MMJAX_START_TIME"  # = reliability.START_TIME_ENV: the command's start, kept across the re-exec.
+TIME_LIMIT_ENV = "MMJAX_TIME_LIMIT_S"  # = reliability.TIME_LIMIT_ENV: default of --time_limit_s.
 
 
-def reexec_with_hugepages() -> None:
+def reexec_with_hugepages(start_time: float | None = None) -> None:
     """Restarts this command once with glibc's malloc backed by transparent huge pages, then returns there.
 
     XLA's large scratch buffers are otherwise page-faulted anew on every step; on CPU this was measured to
@@ -50,9 +59,35 @@ def reexec_with_hugepages() -> None:
     ):
         return
     env = dict(os.environ, GLIBC_TUNABLES=HUGEPAGES_TUNABLE)
+    if start_time is not None:  # The time budget counts from the original start, not the re-exec.
+        env[START_TIME_ENV] = repr(start_time)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, list(sys.orig_argv), env)
+
+
+def _time_limit(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def with_optional_keys(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Adds the optional `train` keys every experiment accepts (`reliability.OPTIONAL_TRAIN_KEYS`: `nonfinite`,
+    `time_limit_s`) with their defaults when an override sets one that the experiment's config lacks, so that
+    `--config.train.nonfinite=skip` works everywhere while configs that do not use them stay unchanged."""
+    from mmjax.train.reliability import OPTIONAL_TRAIN_KEYS  # numpy only: safe before the re-exec.
+
+    named = {o.split("=", 1)[0].strip() for o in overrides}
+    train = config.get("train")
+    for key, default in OPTIONAL_TRAIN_KEYS.items():
+        if f"train.{key}" in named and isinstance(train, ml_collections.ConfigDict) and key not in train:
+            train[key] = default
+    return config
 
 
 def preset_overrides(presets: Mapping[str, Sequence[str]] | None, name: str | None) -> list[str]:
@@ -80,6 +115,11 @@ def parse(
     parser.add_argument("--print_config", action="store_true", help="print the resolved config and exit")
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), help="a named set of overrides of this experiment")
+    parser.add_argument(
+        "--time_limit_s", type=_time_limit, default=os.environ.get(TIME_LIMIT_ENV) or None, metavar="SECONDS",
+        help="wall-clock budget of this command (or $MMJAX_TIME_LIMIT_S): stop, save a checkpoint and exit with "
+        "status 75 early enough to finish the save before it runs out",
+    )
     group = parser.add_argument_group("multi-process (one process per host; or MMJAX_* environment variables)")
     group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
     group.add_argument("--num_processes", type=int)
@@ -87,7 +127,7 @@ def parse(
     args, rest = parser.parse_known_args(argv)
     try:
         overrides = preset_overrides(presets, getattr(args, "preset", None)) + _split_overrides(rest, parser)
-        config = config_lib.apply_overrides(get_config(), overrides)
+        config = config_lib.apply_overrides(with_optional_keys(get_config(), overrides), overrides)
     except config_lib.ConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return config, args
@@ -102,17 +142,19 @@ def main(
 ) -> Any:
     """Parses the command line, starts multi-process JAX if asked, and calls `run(config, workdir)`.
 
-    Exits with `PREEMPTED_EXIT_CODE` when the run stopped on a signal after saving a checkpoint.
+    Exits with `PREEMPTED_EXIT_CODE` when the run stopped early (signal or time limit) after saving a checkpoint.
     """
+    start_time = float(os.environ.pop(START_TIME_ENV, "") or time.time())
     config, args = parse(get_config, argv, description, presets)
     if args.print_config:
         print(config_lib.to_json(config))
         return None
     if argv is None:  # Only a real command line can be re-executed.
-        reexec_with_hugepages()
-    from mmjax.train import parallel
+        reexec_with_hugepages(start_time)
+    from mmjax.train import parallel, reliability
     from mmjax.train.loop import PREEMPTED_EXIT_CODE
 
+    reliability.set_time_limit(args.time_limit_s, start=start_time)
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     result = run(config, args.workdir)
     if isinstance(result, dict) and result.get("preempted"):

@@ -45,11 +45,12 @@ class MetricWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """Drops records of steps later than `step`: a resumed run recomputes them identically."""
+        """Drops records of steps later than `step`: a resumed run recomputes them identically. A torn last line
+        (the process was killed mid-write; always of a step after the last checkpoint) is dropped too."""
         if not is_primary() or not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            kept = [line for line in f if line.strip() and line.endswith("\n") and json.loads(line)["step"] <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)

@@ -1,17 +1,30 @@
-"""Orbax checkpoints of the train state and the data iterator, with a safe resume.
+"""Orbax checkpoints of the train state and the data iterator, with a verified, safe resume.
 
-Saves are asynchronous (training continues while the files are written); Orbax commits a step atomically, so a
-crash mid-write never leaves a half-written step in view. The latest N steps and the best step by a chosen
-metric are kept. A latest step that fails to restore is moved aside to `<dir>/corrupt/` (never deleted) and the
-previous step is used instead.
+Saves are asynchronous (training continues while the files are written); Orbax commits a step atomically (all of
+its files are written into `<step>.orbax-checkpoint-tmp`, which is renamed to `<step>` last), so a crash or a
+SIGKILL mid-write never leaves a half-written step in view. The latest N steps and the best step by a chosen
+metric are kept.
+
+Each step holds three items: `state` (the train state), `data` (the Grain iterator position) and `meta` (JSON:
+a fingerprint of the state, see `state_fingerprint`, plus the loop's own small state, see `loop_state`). Orbax
+does not checksum array bytes, so a flipped bit in a parameter file would otherwise restore silently; after every
+restore the state's fingerprint is recomputed and compared. A latest step that fails to restore or to verify is
+reported (a warning naming the step and the problem), moved aside to `<dir>/corrupt/` (never deleted) and the
+previous step is used instead. Steps written before fingerprints existed restore with a note, unverified.
+
+A failed write (e.g. disk full) raises `CheckpointWriteError`, naming the directory and the steps that are still
+intact: a step that failed never became visible, and older steps are only deleted after a newer one commits.
 
 A state restores onto any mesh, not only the one it was saved from (another FSDP size or device count, one
 device, another number of processes): Orbax reads each saved array straight into the sharding that the
 abstract state passed to `restore` asks for (every leaf must carry one, as `loop.Setup.abstract_state` does).
+The fingerprint does not depend on the sharding, so cross-mesh restores are verified too.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 import shutil
 import time
@@ -20,14 +33,137 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers
 
+from mmjax import logging as log_lib
+
 CORRUPT_DIRNAME = "corrupt"
+META_ITEM = "meta"  # JSON item saved with every step: {"format", "step", "fingerprint", "loop"}.
+META_FORMAT = 1
+FINGERPRINT_ALGORITHM = "uint32 wrap-around sums of the bitcast values: plain, and weighted by odd position hashes"
+_GOLDEN = 0x9E3779B1  # Odd multiplier (2^32 / golden ratio) that spreads positions over the 32 bits.
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. disk full); the message names the directory and the intact steps."""
+
+
+class CheckpointVerificationError(ValueError):
+    """A restored state differs from the fingerprint saved with its step (the files changed after the save)."""
+
+
+# --- Fingerprints ------------------------------------------------------------------------------------------------
+
+
+def leaf_name(path) -> str:
+    """A leaf path as "/"-joined keys, the same for a `TrainState` and for its raw (dict) restore by Orbax."""
+    parts = []
+    for key in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def _bits(x: jax.Array) -> jax.Array:
+    """The raw bits of `x` as uint32 values (64-bit values become two; 8/16-bit values are zero-extended)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)  # Adds a trailing axis of 2.
+    unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_checksums(x: jax.Array) -> jax.Array:
+    """`[sum(b), sum(b * w)]` mod 2^32 over the bits b of `x`, with w an odd hash of each value's position.
+
+    Integer sums wrap exactly and in any order, so the result does not depend on the sharding or the number of
+    devices. Flipping any single bit changes both sums (by an odd multiple of a power of two below 2^32), and
+    the weighted one also changes when values move position.
+    """
+    bits = _bits(x)
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(bits.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis) * jnp.uint32(stride)
+        stride = (stride * bits.shape[axis]) % 2**32
+    weights = (index * jnp.uint32(_GOLDEN)) | jnp.uint32(1)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint_fn(out_sharding):
+    def checksums(leaves):
+        return jnp.stack([_leaf_checksums(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+
+    return jax.jit(checksums, out_shardings=out_sharding)
+
+
+def state_fingerprint(state: Any) -> dict[str, list[int]]:
+    """`{leaf path: [sum, weighted sum]}` of every array of `state`, computed on its devices (one small jit).
+
+    Exact integers: equal states give equal fingerprints whatever their sharding, mesh or process count.
+    """
+    with_paths = jax.tree_util.tree_leaves_with_path(state)
+    names = [leaf_name(path) for path, _ in with_paths]
+    leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in with_paths]
+    mesh = next((x.sharding.mesh for x in leaves if isinstance(x.sharding, NamedSharding)), None)
+    # Replicated output, so that every process can read it (a multi-process state is not fully addressable).
+    out_sharding = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    sums = np.asarray(_fingerprint_fn(out_sharding)(leaves))
+    return {name: [int(a), int(b)] for name, (a, b) in zip(names, sums)}
+
+
+def fingerprint_differences(saved: dict, now: dict) -> list[str]:
+    """The leaf paths whose fingerprints differ (or that exist on one side only)."""
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+
+
+def verify_fingerprint(step: int, directory: str, meta: dict | None, state: Any) -> int | None:
+    """Checks a restored `state` against the fingerprint in its step's `meta`; returns the number of leaves
+    verified, or None for a step saved without one. Raises `CheckpointVerificationError` on any difference."""
+    saved = (meta or {}).get("fingerprint", {}).get("leaves")
+    if saved is None:
+        return None
+    differ = fingerprint_differences(saved, state_fingerprint(state))
+    if differ:
+        shown = ", ".join(differ[:5]) + (f" and {len(differ) - 5} more" if len(differ) > 5 else "")
+        raise CheckpointVerificationError(
+            f"checkpoint step {step} in {directory} failed verification: {len(differ)} of {len(saved)} arrays "
+            f"differ from the fingerprint saved with the step ({shown}); its files changed after they were written "
+            "(bit rot, a damaged copy, or an edit)"
+        )
+    return len(saved)
+
+
+# --- Checkpointer ------------------------------------------------------------------------------------------------
+
+
+def _first_os_error(error: BaseException) -> OSError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno is not None:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class Checkpointer:
-    """Save/restore `{state, data}` steps under `directory`."""
+    """Save/restore `{state, data, meta}` steps under `directory`."""
 
     def __init__(self, directory: str, *, keep: int, best_metric: str | None, best_mode: str = "max"):
         if keep < 1:
@@ -52,10 +188,17 @@ class Checkpointer:
             best_fn=(lambda metrics: metrics[best_metric]) if best_metric else None,
             best_mode=best_mode,
             enable_async_checkpointing=True,
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._on_write_finished),
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data", META_ITEM)
+        )
         self._best_metric, self._best_mode = best_metric, best_mode
+        self._meta: dict[int, dict | None] = {}  # Restored steps' meta items.
+        self._in_flight: tuple[int, float] | None = None  # (step, start time) of the save being written.
+        self._failed = False  # A write failure was already raised; closing must not raise it again.
+        self.save_seconds: list[float] = []  # Wall time of each save, from `save()` until its files are written.
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -63,22 +206,103 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any, metrics: dict | None = None) -> None:
-        """Starts an asynchronous save (the previous one is finished first)."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator))
-        self._manager.save(step, args=args, metrics=metrics, force=True)
+    def save(self, step: int, state: Any, data_iterator: Any, metrics: dict | None = None,
+             loop_state: dict | None = None) -> None:
+        """Starts an asynchronous save of `state`, the iterator position, the state's fingerprint and the JSON-able
+        `loop_state` (the previous save is finished first). Raises `CheckpointWriteError` if a write fails."""
+        self._wait()  # Errors of the previous save are reported as that step's.
+        meta = {
+            "format": META_FORMAT,
+            "step": int(step),
+            "fingerprint": {"algorithm": FINGERPRINT_ALGORITHM, "leaves": state_fingerprint(state)},
+            "loop": loop_state or {},
+        }
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            **{META_ITEM: ocp.args.JsonSave(meta)},
+        )
+        self._in_flight = (step, time.perf_counter())
+        try:
+            self._manager.save(step, args=args, metrics=metrics, force=True)
+        except Exception as error:  # Orbax re-raises the writer threads' errors (OSError, ValueError, ...).
+            raise self._write_failure(step, error) from error
+
+    def _on_write_finished(self) -> None:
+        """Orbax's callback once a save's files are all written (just before the step directory is committed)."""
+        if self._in_flight is not None:
+            self.save_seconds.append(time.perf_counter() - self._in_flight[1])
+
+    def _wait(self) -> None:
+        """Finishes the save in flight; its failure is reported as a `CheckpointWriteError` naming its step."""
+        in_flight = self._in_flight
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            step = in_flight[0] if in_flight else self.latest_step()
+            raise self._write_failure(step, error) from error
+        finally:
+            self._in_flight = None
+
+    def committed_steps(self) -> list[int]:
+        """Steps whose directories were committed (read from disk, not from the manager's memory)."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+
+    def _write_failure(self, step: int | None, error: BaseException) -> CheckpointWriteError:
+        self._failed = True
+        os_error = _first_os_error(error)
+        if os_error is not None:
+            reason = f"{os.strerror(os_error.errno)} (errno {errno.errorcode.get(os_error.errno, os_error.errno)})"
+            if os_error.filename:
+                reason += f" writing {os_error.filename}"
+        else:
+            reason = f"{type(error).__name__}: {str(error)[:300]}"
+        what = f"checkpoint step {step}" if step is not None else "the last checkpoint"
+        intact = [s for s in self.committed_steps() if s != step]
+        if intact:
+            kept = (
+                f"The previous checkpoints are intact (steps {intact}): a step becomes visible only once all of its "
+                f"files are written, and {what} never was. Free space and re-run to resume from step {intact[-1]}."
+            )
+        else:
+            kept = "No earlier checkpoint exists there, so a re-run starts from scratch."
+        hint = " The disk is full." if os_error is not None and os_error.errno == errno.ENOSPC else ""
+        return CheckpointWriteError(f"could not write {what} to {self.directory}: {reason}.{hint} {kept}")
+
+    def _restore_args(self, step: int, state_args: Any, **items: Any) -> ocp.args.Composite:
+        if os.path.isdir(os.path.join(self.directory, str(step), META_ITEM)):
+            items[META_ITEM] = ocp.args.JsonRestore()
+        return ocp.args.Composite(state=state_args, **items)
+
+    def _verified(self, step: int, restored: Any) -> Any:
+        meta = restored[META_ITEM] if META_ITEM in restored else None
+        verified = verify_fingerprint(step, self.directory, meta, restored.state)
+        if verified is None:
+            log_lib.console(
+                f"note: checkpoint step {step} in {self.directory} has no fingerprint (saved before checkpoints were "
+                "verified); restored without verification"
+            )
+        self._meta[step] = meta
+        return restored.state
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
-        """Restores `step` into the shardings of `abstract_state` (whatever mesh it was saved from); sets
-        `data_iterator` to the saved position."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
+        """Restores `step` into the shardings of `abstract_state` (whatever mesh it was saved from) and verifies it
+        against its fingerprint; sets `data_iterator` to the saved position."""
+        args = self._restore_args(
+            step, ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
         )
-        return self._manager.restore(step, args=args).state
+        return self._verified(step, self._manager.restore(step, args=args))
 
     def restore_state(self, step: int, abstract_state: Any) -> Any:
-        """Restores only the train state of `step` (for evaluation; the data position is not needed)."""
-        return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
+        """Restores (and verifies) only the train state of `step` (for evaluation; the data position is not needed)."""
+        args = self._restore_args(step, ocp.args.StandardRestore(abstract_state))
+        return self._verified(step, self._manager.restore(step, args=args))
+
+    def loop_state(self, step: int) -> dict:
+        """The `loop_state` saved with a restored `step` (`{}` for steps saved without one)."""
+        return dict((self._meta.get(step) or {}).get("loop") or {})
 
     def best_step(self) -> int:
         """The kept step with the best `best_metric` value (error when no step recorded it)."""
@@ -90,10 +314,8 @@ class Checkpointer:
         return (max if self._best_mode == "max" else min)(scored)[1]
 
     def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[int, Any] | None:
-        """Restores the newest step that restores cleanly; returns (step, state) or None when there is none.
-
-        A step that fails is reported, moved to `<directory>/corrupt/` (kept for inspection) and skipped.
-        """
+        """Restores the newest step that restores and verifies cleanly; returns (step, state) or None when there is
+        none. A step that fails is reported, moved to `<directory>/corrupt/` (kept for inspection) and skipped."""
         for step in reversed(self.all_steps()):
             try:
                 return step, self.restore(step, abstract_state, data_iterator)
@@ -101,7 +323,7 @@ class Checkpointer:
                 moved = self._quarantine(step)
                 message = (
                     f"checkpoint step {step} in {self.directory} could not be restored "
-                    f"({type(error).__name__}: {str(error)[:300]}); moved it to {moved} and trying the previous one"
+                    f"({type(error).__name__}: {str(error)[:400]}); moved it to {moved} and trying the previous one"
                 )
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
         return None
@@ -121,12 +343,24 @@ class Checkpointer:
         return self._manager.metrics(step)
 
     def wait(self) -> None:
-        """Blocks until every pending asynchronous save is committed."""
-        self._manager.wait_until_finished()
+        """Blocks until every pending asynchronous save is committed (raises `CheckpointWriteError` if one failed)."""
+        self._wait()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Finishes the pending save and releases Orbax's threads. A write failure already raised is not raised
+        again (Orbax keeps re-raising it), so closing after an error never hides that error."""
+        already_failed = self._failed
+        try:
+            self._wait()
+        except CheckpointWriteError:
+            if not already_failed:
+                raise
+        finally:
+            try:
+                self._manager.close()
+            except Exception as error:
+                if not self._failed:
+                    raise self._write_failure(None, error) from error
 
 
 def _sync(name: str) -> None:

@@ -26,8 +26,9 @@ from mmjax import logging as log_lib
 from mmjax.data import pipeline
 from mmjax.data.datasets import Dataset, get_dataset
 from mmjax.nn.model import MultimodalModel, build_model
+from mmjax.registry import closest, invalid_choice
 from mmjax.tasks import build_task, dataset_task
-from mmjax.train import parallel
+from mmjax.train import parallel, reliability
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.optimizer import build_optimizer
 from mmjax.train.state import TrainState
@@ -38,6 +39,114 @@ INPUTS_FILENAME = "model_inputs.json"
 RESULTS_FILENAME = "results.json"
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or isinstance(value, (float, np.floating))
+
+
+def _check_number(section: ml_collections.ConfigDict, key: str, *, low: float, high: float | None = None,
+                  low_open: bool = False, integer: bool = False) -> None:
+    """`section[key]` (when present) is a number (an int with `integer`) in `[low, high)` (`(low, high)` with
+    `low_open`); the error names the dotted key."""
+    name = key.split(".")[-1]
+    if name not in section:
+        return
+    value = section[name]
+    kind = "an integer" if integer else "a number"
+    if not (_is_int(value) if integer else _is_number(value)):
+        raise ValueError(f"config {key}={value!r} must be {kind}, got {type(value).__name__}")
+    below = value <= low if low_open else value < low
+    if below or (high is not None and value >= high):
+        bounds = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g})'}"
+        raise ValueError(f"config {key}={value!r} must be in {bounds}")
+
+
+# Keys `mmjax.train.optimizer.build_optimizer` reads; any other key in config.optimizer would be silently ignored.
+OPTIMIZER_KEYS = ("name", "lr", "schedule", "warmup_steps", "end_lr_factor", "weight_decay", "b1", "b2",
+                  "momentum", "nesterov", "grad_clip_norm")
+
+
+def _check_optimizer(optimizer: ml_collections.ConfigDict) -> None:
+    from mmjax.train.optimizer import OPTIMIZERS, SCHEDULES
+
+    for key in sorted(optimizer):
+        if key not in OPTIMIZER_KEYS:
+            raise ValueError(
+                f"config optimizer.{key}: unknown key.{closest(key, OPTIMIZER_KEYS)} Valid: {', '.join(OPTIMIZER_KEYS)}"
+            )
+    if optimizer.get("name") not in OPTIMIZERS:
+        raise ValueError(invalid_choice("optimizer.name", optimizer.get("name"), OPTIMIZERS))
+    if "schedule" in optimizer and optimizer.schedule not in SCHEDULES:
+        raise ValueError(invalid_choice("optimizer.schedule", optimizer.schedule, SCHEDULES))
+    _check_number(optimizer, "optimizer.lr", low=0.0, low_open=True)
+    _check_number(optimizer, "optimizer.warmup_steps", low=0, integer=True)
+    for key in ("end_lr_factor", "weight_decay", "grad_clip_norm"):
+        _check_number(optimizer, f"optimizer.{key}", low=0.0)
+    for key in ("b1", "b2", "momentum"):
+        _check_number(optimizer, f"optimizer.{key}", low=0.0, high=1.0)
+    if "nesterov" in optimizer and not isinstance(optimizer.nesterov, bool):
+        raise ValueError(f"config optimizer.nesterov={optimizer.nesterov!r} must be a bool (True/False)")
+
+
+def _check_strings(value: Any, key: str, example: str) -> tuple[str, ...]:
+    """A tuple/list of strings (a bare string would be iterated character by character)."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"config {key}={value!r} must be a tuple of strings, e.g. {example}")
+    return tuple(value)
+
+
+def _check_train_options(config: ml_collections.ConfigDict) -> None:
+    """`train.frozen` regexes, `train.init_from` sources, `eval.splits` and `checkpoint.best_metric`/`best_mode`."""
+    import re
+
+    for pattern in _check_strings(config.train.get("frozen", ()), "train.frozen", "('encoders_text',)"):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(
+                f"config train.frozen pattern {pattern!r} is not a valid regular expression: {e}"
+            ) from None
+    init_from = config.train.get("init_from") or {}
+    if not isinstance(init_from, (dict, ml_collections.ConfigDict)):
+        raise ValueError(f"config train.init_from={init_from!r} must be a dict {{parameter subtree: source}}")
+    for subtree, source in sorted(dict(init_from).items()):
+        kind, _, directory = str(source).partition(":")
+        valid = (kind == "minilm" and not directory) or (kind in ("hf_bert", "hf_vit") and directory)
+        if not isinstance(source, str) or not valid:
+            raise ValueError(
+                f"config train.init_from[{subtree!r}]={source!r}; valid: {', '.join(PRETRAINED_SOURCES)}."
+                f"{closest(kind, ('minilm', 'hf_bert', 'hf_vit'))}"
+            )
+        if directory and not os.path.isdir(directory):
+            raise ValueError(f"config train.init_from[{subtree!r}]={source!r}: directory {directory!r} does not exist")
+    splits = _check_strings(config.eval.splits, "eval.splits", "('validation', 'test')")
+    checkpoint = config.checkpoint
+    if checkpoint.get("best_mode", "max") not in ("max", "min"):
+        raise ValueError(invalid_choice("checkpoint.best_mode", checkpoint.best_mode, ("max", "min")))
+    best = checkpoint.get("best_metric") or ""
+    if not isinstance(best, str):
+        raise ValueError(f"config checkpoint.best_metric={best!r} must be a string 'SPLIT/METRIC' (or '' for none)")
+    if best:
+        split, _, metric = best.partition("/")
+        if not metric or split not in splits:
+            raise ValueError(
+                f"config checkpoint.best_metric={best!r} must be 'SPLIT/METRIC' with SPLIT one of eval.splits "
+                f"{list(splits)}, e.g. '{(splits or ('validation',))[0]}/accuracy'.{closest(split, splits)}"
+            )
+        from mmjax.tasks import TASKS
+
+        task_name = (config.get("task") or {}).get("name", "classification")
+        names = getattr(TASKS.get(task_name), "metric_names", None) if task_name in TASKS else None
+        if names is not None and metric not in (*names, "loss"):
+            raise ValueError(
+                f"config checkpoint.best_metric={best!r}: task {task_name!r} reports no metric {metric!r}; "
+                f"valid: {', '.join((*names, 'loss'))}.{closest(metric, (*names, 'loss'))}"
+            )
+
+
 def validate(config: ml_collections.ConfigDict, *, training: bool = True) -> None:
     """Checks values that would otherwise fail late or silently (before any data is read or code compiled).
 
@@ -45,11 +154,19 @@ def validate(config: ml_collections.ConfigDict, *, training: bool = True) -> Non
     train steps: the train batch's divisibility by the device count and by `train.grad_accum_steps`.
     """
     for key in ("train.num_steps", "data.batch_size", "data.eval_batch_size", "train.log_every_steps",
-                "train.eval_every_steps", "checkpoint.every_steps"):
+                "train.eval_every_steps", "checkpoint.every_steps", "checkpoint.keep"):
         section, name = key.split(".")
         value = config[section][name]
-        if not isinstance(value, int) or value <= 0:
+        if not _is_int(value) or value <= 0:
             raise ValueError(f"config {key}={value!r} must be a positive integer")
+    if not _is_int(config.get("seed", 0)):
+        raise ValueError(f"config seed={config.seed!r} must be an integer")
+    for key in ("num_threads", "num_workers"):
+        _check_number(config.data, f"data.{key}", low=0, integer=True)
+    for key in ("data.name", "data.train_split"):
+        section, name = key.split(".")
+        if not isinstance(config[section].get(name), str) or not config[section].get(name):
+            raise ValueError(f"config {key}={config[section].get(name)!r} must be a non-empty string")
     mesh_config = config.get("mesh") or {}
     parallel.check_fsdp(mesh_config.get("fsdp", 1), key="mesh.fsdp")
     min_size = mesh_config.get("fsdp_min_size", parallel.DEFAULT_FSDP_MIN_SIZE)
@@ -62,7 +179,9 @@ def validate(config: ml_collections.ConfigDict, *, training: bool = True) -> Non
     from mmjax.train.step import per_example_loss
 
     task_name = (config.get("task") or {}).get("name", "classification")
-    if accum > 1 and task_name in TASKS and not per_example_loss(TASKS.get(task_name)):
+    if task_name not in TASKS:
+        raise ValueError(f"config task.name: {TASKS.unknown_message(task_name)}")
+    if accum > 1 and not per_example_loss(TASKS.get(task_name)):
         raise ValueError(
             f"config train.grad_accum_steps={accum} with task.name={task_name!r}: this loss couples the examples "
             "of a batch (in-batch negatives), so micro-batches would change the objective, not just its memory; "
@@ -78,11 +197,12 @@ def validate(config: ml_collections.ConfigDict, *, training: bool = True) -> Non
                 "is split evenly over every device"
             )
     parallel.check_batch_size(config.data.eval_batch_size, "data.eval_batch_size")
-    if config.optimizer.lr <= 0:
-        raise ValueError(f"config optimizer.lr={config.optimizer.lr} must be > 0")
+    _check_optimizer(config.optimizer)
+    _check_train_options(config)
 
 
 def _check_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> None:
+    """The config asks only for what the dataset has: modalities, label type, number of outputs, non-empty splits."""
     unknown = sorted(set(config.model.encoders) - set(dataset.modalities))
     if unknown:
         raise ValueError(
@@ -94,16 +214,20 @@ def _check_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> None:
         raise ValueError(
             f"config task.name={task_name!r} but dataset {dataset.name!r} provides {dataset.task!r} labels"
         )
-    if config.model.num_classes != dataset.num_classes:
+    if config.model.get("num_classes") != dataset.num_classes:
         raise ValueError(
-            f"config model.num_classes={config.model.num_classes} but dataset {dataset.name!r} has "
+            f"config model.num_classes={config.model.get('num_classes')!r} but dataset {dataset.name!r} has "
             f"{dataset.num_classes} {'outputs' if dataset.task == 'regression' else 'classes'}"
         )
-    for key in (config.data.train_split, *config.eval.splits):
+    wanted = [("data.train_split", config.data.train_split), *(("eval.splits", k) for k in config.eval.splits)]
+    for where, key in wanted:
         if key not in dataset.splits:
-            raise ValueError(f"split {key!r} is not in dataset {dataset.name!r}; splits: {sorted(dataset.splits)}")
+            raise ValueError(
+                f"split {key!r} is not in dataset {dataset.name!r} (config {where}); splits: "
+                f"{sorted(dataset.splits)}.{closest(key, dataset.splits)}"
+            )
         if dataset.splits[key] == 0:
-            raise ValueError(f"split {key!r} of dataset {dataset.name!r} is empty")
+            raise ValueError(f"split {key!r} of dataset {dataset.name!r} is empty (config {where}): 0 examples")
 
 
 def _differences(before: dict, now: dict, prefix: str) -> list[str]:
@@ -117,6 +241,8 @@ def _differences(before: dict, now: dict, prefix: str) -> list[str]:
 
 def _check_workdir(workdir: str, config: ml_collections.ConfigDict, spec: dict) -> None:
     """Refuses to resume a workdir whose checkpoints belong to a different model; warns on other changes."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"workdir {workdir} exists and is not a directory; give a directory for --workdir")
     checkpoints = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(checkpoints) or not any(n.isdigit() for n in os.listdir(checkpoints)):
         return
@@ -127,10 +253,16 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict, spec: dict) 
             f"workdir {workdir} holds checkpoints but no {config_lib.CONFIG_FILENAME} / {INPUTS_FILENAME} to check "
             "them against; use a new --workdir"
         )
-    before = config_lib.normalize(config_lib.load(saved_path).to_dict())
+    try:
+        before = config_lib.normalize(config_lib.load(saved_path).to_dict())
+        with open(inputs_path) as f:
+            saved_spec = json.load(f)
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError.
+        raise ValueError(
+            f"workdir {workdir} holds checkpoints but its {config_lib.CONFIG_FILENAME} / {INPUTS_FILENAME} cannot be "
+            f"read ({e}), so they cannot be checked against this model; use a new --workdir"
+        ) from None
     now = config_lib.normalize(config.to_dict())
-    with open(inputs_path) as f:
-        saved_spec = json.load(f)
     diffs = _differences(before.get("model", {}), now["model"], "model.")
     if saved_spec != config_lib.normalize(spec):
         diffs.append(f"model inputs: saved {saved_spec}, now {config_lib.normalize(spec)}")
@@ -144,11 +276,31 @@ def _check_workdir(workdir: str, config: ml_collections.ConfigDict, spec: dict) 
         warnings.warn(f"resuming {workdir} with changed config section(s) {changed}", RuntimeWarning, stacklevel=2)
 
 
+def _any_process(flag: bool) -> bool:
+    """True when `flag` is set in any process (all processes get the same answer, so they act at the same step)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+    return bool(flag)
+
+
 class _StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (main thread only)."""
+    """Turns SIGTERM/SIGINT (and an exhausted time budget, `time_up`) into a flag the loop checks after each step.
+
+    Handlers are installed for the whole of `run()` (main thread only), so a signal during start-up, compilation or
+    evaluation is not lost either: the run stops before its first step or after its current one. A signal that
+    arrives after the last step (final evaluation, results) is carried over to the next `run()` of the process,
+    which then stops before training (e.g. the next variant of a comparison). A second signal stops at once
+    (`KeyboardInterrupt`; pending checkpoint writes are still finished, no new checkpoint is started).
+    """
+
+    carried_over: int | None = None  # A signal the previous run() of this process received but did not act on.
 
     def __init__(self):
-        self.signal: int | None = None
+        self.signal, _StopRequest.carried_over = _StopRequest.carried_over, None
+        self.time_up = False
+        self.acted_on = False
 
     @contextlib.contextmanager
     def installed(self) -> Iterator["_StopRequest"]:
@@ -158,25 +310,34 @@ class _StopRequest:
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
         def handler(signum, frame):
+            name = signal.Signals(signum).name
+            if self.signal is not None:
+                raise KeyboardInterrupt(f"second signal ({name}) while stopping: stopping now, without a new checkpoint")
             self.signal = signum
-            log_lib.console(f"received {signal.Signals(signum).name}: finishing this step and saving a checkpoint")
+            log_lib.console(f"received {name}: finishing this step and saving a checkpoint")
 
         for s in previous:
             signal.signal(s, handler)
+        finished = False
         try:
             yield self
+            finished = True
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            if finished and self.signal is not None and not self.acted_on:
+                _StopRequest.carried_over = self.signal
+                log_lib.console(f"{signal.Signals(self.signal).name} arrived after the last step, so this run finished; "
+                                "a next run in this process will stop before training")
+
+    @property
+    def reason(self) -> str:
+        return f"a {signal.Signals(self.signal).name}" if self.signal is not None else "the time limit"
 
     def requested(self) -> bool:
-        """True when any process was signalled (all processes agree, so they stop at the same step)."""
-        flag = self.signal is not None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
-        return flag
+        """True when any process was signalled or ran out of time (all processes agree, so they stop at the same
+        step)."""
+        return _any_process(self.signal is not None or self.time_up)
 
 
 def gather_outputs(eval_fn, state: TrainState, batches, keys, sharding) -> dict[str, np.ndarray]:
@@ -234,6 +395,7 @@ class Setup:
             frozen=self.frozen,
             grad_accum_steps=self.config.train.get("grad_accum_steps", 1),
             batch_sharding=self.batch_sharding,
+            nonfinite=self.config.train.get("nonfinite", "stop"),  # "skip": see step.train_step.
         )
         return jax.jit(
             step,
@@ -442,47 +604,114 @@ def load_trained(workdir: str, step: int | str = "latest") -> tuple[Setup, Train
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `config` in `workdir` (resuming if it holds checkpoints) and returns the results dict.
 
-    If SIGTERM/SIGINT arrives, the current step finishes, a checkpoint is written and the returned dict has
-    `preempted: True`; running again resumes exactly where it stopped.
+    Reliability (see README "Reliability"): a run killed at any moment resumes from its last committed checkpoint
+    and ends bit-identical (parameters, evaluation results, train-metric records) to an uninterrupted one. On
+    SIGTERM/SIGINT or when `train.time_limit_s` (or the CLI's `--time_limit_s`) is about to run out, the current
+    step finishes, a checkpoint is written and the returned dict is `{"preempted": True, "step": N}` (the CLI exits
+    with `PREEMPTED_EXIT_CODE`). A NaN/Inf loss or gradient raises `reliability.NonFiniteError` before anything of
+    that step is saved (or, with `train.nonfinite="skip"`, the update is skipped). A failed checkpoint write raises
+    `checkpoint.CheckpointWriteError`. On every exit path the pending checkpoint write is finished and logs closed.
     """
     workdir = os.path.abspath(workdir)
-    s = setup(config)
-    dataset, keys, spec = s.dataset, s.keys, s.spec
-    _check_workdir(workdir, config, spec)
-    if log_lib.is_primary():
-        config_lib.save(config, workdir)
-        with open(os.path.join(workdir, INPUTS_FILENAME), "w") as f:
-            json.dump(spec, f, indent=2)
+    nonfinite, time_limit_s = reliability.options(config)
+    budget = reliability.TimeBudget(reliability.deadline(time_limit_s))
+    stop = _StopRequest()
+    with stop.installed():
+        s = setup(config)
+        dataset, spec = s.dataset, s.spec
+        _check_workdir(workdir, config, spec)
+        if log_lib.is_primary():
+            config_lib.save(config, workdir)
+            reliability.write_json_atomic(os.path.join(workdir, INPUTS_FILENAME), spec, indent=2)
 
-    num_steps = config.train.num_steps
-    train_iter = iter(
-        pipeline.train_dataset(
-            dataset,
-            config.data.train_split,
-            global_batch_size=config.data.batch_size,
-            seed=config.seed,
-            num_threads=config.data.num_threads,
-            num_workers=config.data.num_workers,
+        num_steps = config.train.num_steps
+        # Batches are checked and sent to the devices `data.prefetch` steps ahead by a background thread;
+        # `train_iter` checkpoints the position of the batches the steps consumed (pipeline.DevicePrefetcher).
+        train_iter = pipeline.device_prefetch(
+            iter(
+                pipeline.train_dataset(
+                    dataset,
+                    config.data.train_split,
+                    global_batch_size=config.data.batch_size,
+                    seed=config.seed,
+                    num_threads=config.data.num_threads,
+                    num_workers=config.data.num_workers,
+                )
+            ),
+            pipeline.checked_to_global(spec, s.keys, pipeline.local_batch_size(config.data.batch_size), s.batch_sharding),
+            size=config.data.get("prefetch", 2),
         )
-    )
-    checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
-        keep=config.checkpoint.keep,
-        best_metric=config.checkpoint.best_metric or None,
-        best_mode=config.checkpoint.best_mode,
-    )
-    writer = log_lib.MetricWriter(workdir)
+        checkpointer = Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            keep=config.checkpoint.keep,
+            best_metric=config.checkpoint.best_metric or None,
+            best_mode=config.checkpoint.best_mode,
+        )
+        writer = log_lib.MetricWriter(workdir)
+        try:
+            outcome = _train(config, workdir, s, train_iter, checkpointer, writer, stop, budget, nonfinite)
+        except BaseException:
+            train_iter.close()
+            _close_after_error(checkpointer, writer)
+            raise
+        train_iter.close()  # Stops the prefetch thread (and Grain's workers); prefetched batches are dropped.
+        checkpointer.close()  # Raises CheckpointWriteError if the last save failed.
+        writer.close()
+    if outcome.get("preempted"):
+        return outcome
+    previous = os.path.join(workdir, RESULTS_FILENAME)
+    memory, step_times = outcome["memory"], outcome["step_times"]
+    if memory is None and outcome["start_step"] == num_steps and os.path.exists(previous):
+        with open(previous) as f:  # A finished run, only restarted: keep the measurements of its training.
+            saved = json.load(f)
+        memory, step_times = saved.get("step_memory"), [saved["step_time_s"]] if saved.get("step_time_s") else []
+    results = {
+        "name": config.get("name", ""),
+        "workdir": workdir,
+        "steps": num_steps,
+        "resumed_from_step": outcome["start_step"],
+        "train_seconds_this_run": round(outcome["train_seconds"], 2),
+        "step_time_s": float(np.median(step_times)) if step_times else None,
+        "input_wait_s_this_run": round(train_iter.wait_seconds, 2),
+        "num_parameters": count_parameters(s.abstract_state.params),
+        "step_memory": memory,
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "splits": outcome["final"],
+    }
+    if nonfinite == "skip":
+        results["nonfinite_skipped_steps"] = outcome["skipped"]
+    if log_lib.is_primary():
+        reliability.write_json_atomic(os.path.join(workdir, RESULTS_FILENAME), results, indent=2)
+        log_lib.plot_curves(log_lib.read_metrics(workdir), os.path.join(workdir, "curves.png"), config.get("name", ""))
+    return results
+
+
+def _close_after_error(checkpointer: Checkpointer, writer: log_lib.MetricWriter) -> None:
+    """Finishes the pending checkpoint write and closes the logs while an error propagates; a second failure here
+    is printed, never raised over the first."""
+    for close in (checkpointer.close, writer.close):
+        try:
+            close()
+        except Exception as error:  # noqa: BLE001 - the original error is the one to report.
+            log_lib.console(f"while stopping after an error: {close.__qualname__} failed: {type(error).__name__}: {error}")
+
+
+def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, writer: log_lib.MetricWriter,
+           stop: _StopRequest, budget: reliability.TimeBudget, nonfinite: str) -> dict[str, Any]:
+    """The body of `run()` between opening and closing the checkpointer and the metric writer."""
+    num_steps = config.train.num_steps
     restored = checkpointer.restore_latest(s.abstract_state, train_iter)
     if restored is None:
         state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
         if config.train.get("init_from"):
             state = init_from_pretrained(state, config.train.init_from, s)
-        start_step = 0
-        writer.truncate_after(0)
+        start_step, saved = 0, {}
     else:
         start_step, state = restored
-        writer.truncate_after(start_step)
+        saved = checkpointer.loop_state(start_step)
         log_lib.console(f"resumed from step {start_step} in {workdir}")
+    writer.truncate_after(start_step)  # Records of steps after the checkpoint are recomputed identically.
 
     num_params = count_parameters(s.abstract_state.params)
     frozen_note = ""
@@ -495,11 +724,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     step_fn = s.train_step_fn()
     eval_fn = s.eval_fn()
 
-    def evaluate_all(step: int) -> dict[str, dict]:
+    def evaluate_all(step: int, log: bool = True) -> dict[str, dict]:
         results = {}
         for split in config.eval.splits:
             results[split] = s.evaluate(eval_fn, state, split)
-            writer.write(step, split, _scalars(results[split]))
+            if log:
+                writer.write(step, split, _scalars(results[split]))
             shown = " | ".join(f"{k} {v:.4f}" for k, v in _scalars(results[split]).items())
             log_lib.console(f"eval {split} @ step {step}: {shown}")
         return results
@@ -507,72 +737,96 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def flat(results: dict[str, dict]) -> dict[str, float]:
         return {f"{split}/{k}": v for split, m in results.items() for k, v in _scalars(m).items()}
 
+    # What a checkpoint must carry besides the state for a resumed run to log exactly what an uninterrupted one
+    # does: the per-step metrics since the last logged record, the evaluation of the saved step, the skip count.
+    window = reliability.window_from_json(saved.get("window"))
+    last_eval: tuple[int, dict] | None = (start_step, saved["eval"]) if "eval" in saved else None
+    skipped = int(saved.get("skipped_steps", 0))
+    last_checkpoint = start_step if restored is not None else None
+    unchecked: list[tuple[int, dict]] = []  # Steps whose loss / gradient norm were not yet checked for NaN/Inf.
+
+    def check_finite() -> None:
+        """Called before anything is logged, evaluated or saved: no trace of a non-finite step is ever kept."""
+        if nonfinite == "stop" and unchecked:
+            reliability.raise_if_nonfinite(unchecked, last_checkpoint, checkpointer.directory)
+        unchecked.clear()
+
+    def evaluates(step: int) -> bool:
+        return step % config.train.eval_every_steps == 0 or step == num_steps
+
     progress = log_lib.Progress(num_steps, config.data.batch_size, start_step)
-    stop = _StopRequest()
-    pending: list[dict[str, jax.Array]] = []
-    last_eval: tuple[int, dict] | None = None
     step = start_step
     memory = None
+    preempted = False
     step_times: list[float] = []  # Seconds per step over each logging window (after the first, compiled one).
-    window_start, window_steps = None, 0
+    window_start, window_steps, window_wait = None, 0, 0.0
     train_start = time.perf_counter()
-    try:  # Whatever happens, pending checkpoint writes are finished and logs flushed.
-        with stop.installed():
-            while step < num_steps:
-                host_batch = next(train_iter)
-                pipeline.check_batch(host_batch, spec, pipeline.local_batch_size(config.data.batch_size))
-                batch = pipeline.to_global({k: host_batch[k] for k in keys}, s.batch_sharding)
-                state, metrics = step_fn(state, batch)
-                if memory is None:
-                    memory = step_memory(step_fn, s.abstract_state, batch)
-                step += 1
-                window_steps += 1
-                pending.append(metrics)
-                if step % config.train.log_every_steps == 0 or step == num_steps:
-                    averaged = {k: float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
-                    pending.clear()
-                    now = time.perf_counter()
-                    if window_start is not None:
-                        step_times.append((now - window_start) / window_steps)
-                    window_start, window_steps = now, 0
-                    averaged["examples_per_s"] = progress.report(step, averaged)
-                    writer.write(step, "train", averaged)
-                evaluated = step % config.train.eval_every_steps == 0 or step == num_steps
-                if evaluated:
-                    last_eval = (step, evaluate_all(step))
-                    window_start, window_steps = None, 0  # Evaluation time is not step time.
-                stopping = stop.requested()
-                if stopping or evaluated or step % config.checkpoint.every_steps == 0:
-                    checkpointer.save(step, state, train_iter, flat(last_eval[1]) if evaluated else None)
-                    window_start, window_steps = None, 0
-                if stopping:
-                    log_lib.console(f"stopped at step {step} after a signal; checkpoint saved. Re-run to resume.")
-                    return {"preempted": True, "step": step}
-        train_seconds = time.perf_counter() - train_start
-        final = last_eval[1] if last_eval and last_eval[0] == num_steps else evaluate_all(num_steps)
-    finally:
-        checkpointer.close()
-        writer.close()
-    previous = os.path.join(workdir, RESULTS_FILENAME)
-    if memory is None and start_step == num_steps and os.path.exists(previous):
-        with open(previous) as f:  # A finished run, only re-evaluated: keep the measurements of its training.
-            saved = json.load(f)
-        memory, step_times = saved.get("step_memory"), [saved["step_time_s"]] if saved.get("step_time_s") else []
-    results = {
-        "name": config.get("name", ""),
-        "workdir": workdir,
-        "steps": num_steps,
-        "resumed_from_step": start_step,
-        "train_seconds_this_run": round(train_seconds, 2),
-        "step_time_s": float(np.median(step_times)) if step_times else None,
-        "num_parameters": num_params,
-        "step_memory": memory,
-        "devices": jax.device_count(),
-        "processes": jax.process_count(),
-        "splits": final,
-    }
-    if log_lib.is_primary():
-        with open(os.path.join(workdir, RESULTS_FILENAME), "w") as f:
-            json.dump(results, f, indent=2)
-        log_lib.plot_curves(log_lib.read_metrics(workdir), os.path.join(workdir, "curves.png"), config.get("name", ""))
-    return results
+    if step < num_steps and _any_process(stop.signal is not None or budget.exhausted(evaluates=evaluates(step + 1))):
+        stop.acted_on = True
+        log_lib.console(f"stopping before training, at step {step} in {workdir}, because of {stop.reason}; re-run to "
+                        "continue")
+        return {"preempted": True, "step": step}
+    while step < num_steps:
+        step_start = time.perf_counter()
+        batch = next(train_iter)  # Checked against the input spec and already on the devices.
+        state, metrics = step_fn(state, batch)
+        if memory is None:
+            memory = step_memory(step_fn, s.abstract_state, batch)
+        if budget.active:  # Time the step itself, not its dispatch.
+            jax.block_until_ready(metrics)
+            budget.step_seconds.append(time.perf_counter() - step_start)
+        step += 1
+        window_steps += 1
+        window.append(metrics)
+        unchecked.append((step, metrics))
+        if step % config.train.log_every_steps == 0 or step == num_steps:
+            check_finite()
+            averaged = reliability.average_window(window, nonfinite == "skip")
+            skipped += averaged.get(reliability.SKIPPED_METRIC, 0)
+            window.clear()
+            now = time.perf_counter()
+            if window_start is not None:
+                step_times.append((now - window_start) / window_steps)
+                # The share of the window's wall time spent blocked waiting for the next batch.
+                averaged["input_wait_fraction"] = (train_iter.wait_seconds - window_wait) / (now - window_start)
+            window_start, window_steps, window_wait = now, 0, train_iter.wait_seconds
+            averaged["examples_per_s"] = progress.report(step, averaged)
+            writer.write(step, "train", averaged)
+        evaluated = evaluates(step)
+        if evaluated:
+            check_finite()
+            eval_start = time.perf_counter()
+            last_eval = (step, evaluate_all(step))
+            budget.eval_seconds.append(time.perf_counter() - eval_start)
+            window_start, window_steps = None, 0  # Evaluation time is not step time.
+        if step < num_steps:
+            stop.time_up = budget.exhausted(evaluates=evaluates(step + 1), save_seconds=checkpointer.save_seconds)
+        stopping = stop.requested()
+        if stopping or evaluated or step % config.checkpoint.every_steps == 0:
+            check_finite()
+            loop_state = {
+                "window": reliability.window_to_json(window),
+                "skipped_steps": skipped,
+                **({"eval": last_eval[1]} if evaluated else {}),
+            }
+            checkpointer.save(step, state, train_iter, flat(last_eval[1]) if evaluated else None, loop_state)
+            last_checkpoint = step
+            if budget.active and not checkpointer.save_seconds:
+                checkpointer.wait()  # Times the first save, which the budget needs.
+            window_start, window_steps = None, 0
+        if stopping:
+            stop.acted_on = True
+            log_lib.console(f"stopped at step {step} after {stop.reason}; checkpoint saved. Re-run to resume.")
+            preempted = True
+            break
+    check_finite()
+    if preempted:
+        return {"preempted": True, "step": step}
+    train_seconds = time.perf_counter() - train_start
+    if last_eval and last_eval[0] == num_steps:
+        final = last_eval[1]
+    else:  # A finished run saved without its evaluation (older checkpoints): evaluate, logging it only once.
+        logged = any(r["step"] == num_steps and r["split"] in config.eval.splits for r in log_lib.read_metrics(workdir))
+        final = evaluate_all(num_steps, log=not logged)
+    return {"preempted": False, "start_step": start_step, "final": final, "memory": memory,
+            "step_times": step_times, "train_seconds": train_seconds, "skipped": skipped}

@@ -33,6 +33,29 @@ ENV_COORDINATOR = "MMJAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "MMJAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "MMJAX_PROCESS_ID"
 
+# Failure detection of multi-process runs (`jax.distributed.initialize`; each overridable by its variable). A process
+# that stops sending heartbeats for HEARTBEAT seconds (killed, crashed, its host gone) is declared dead, and every
+# other process then terminates with "Terminating process because the JAX distributed service detected fatal
+# errors ... tasks are unhealthy (stopped sending heartbeats)" (status 134, SIGABRT) instead of waiting forever in a
+# collective (gloo on CPU has no timeout of its own). JAX's default is 100 s; heartbeats come from a background
+# thread, so long compilations or steps do not miss them. At exit, a process waits up to SHUTDOWN seconds for the
+# others (JAX: 300 s), and start-up waits up to INIT seconds for every process to connect (JAX: 300 s).
+ENV_HEARTBEAT_TIMEOUT = "MMJAX_HEARTBEAT_TIMEOUT_S"
+ENV_SHUTDOWN_TIMEOUT = "MMJAX_SHUTDOWN_TIMEOUT_S"
+ENV_INIT_TIMEOUT = "MMJAX_INIT_TIMEOUT_S"
+DEFAULT_HEARTBEAT_TIMEOUT_S = 30
+DEFAULT_SHUTDOWN_TIMEOUT_S = 60
+DEFAULT_INIT_TIMEOUT_S = 300
+
+
+def _timeout_from_env(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    if not value.isdigit() or int(value) <= 0:
+        raise ValueError(f"${name}={value!r} must be a positive whole number of seconds")
+    return int(value)
+
 
 def initialize_distributed(
     coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
@@ -40,7 +63,8 @@ def initialize_distributed(
     """Calls `jax.distributed.initialize` when this process is one of several; returns whether it did.
 
     Arguments default to the MMJAX_* environment variables. With none given, nothing happens (one process).
-    On CPU the cross-process collectives use gloo.
+    On CPU the cross-process collectives use gloo. If a process dies, the others exit within about
+    `DEFAULT_HEARTBEAT_TIMEOUT_S` seconds with an error naming the dead process (see the constants above).
     """
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
     if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
@@ -57,7 +81,14 @@ def initialize_distributed(
         raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        initialization_timeout=_timeout_from_env(ENV_INIT_TIMEOUT, DEFAULT_INIT_TIMEOUT_S),
+        heartbeat_timeout_seconds=_timeout_from_env(ENV_HEARTBEAT_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT_S),
+        shutdown_timeout_seconds=_timeout_from_env(ENV_SHUTDOWN_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT_S),
+    )
     return True
 
 

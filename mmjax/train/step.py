@@ -4,7 +4,8 @@ They know nothing of devices (bar an optional batch sharding that pins the micro
 compiles them with `jax.jit` over the mesh. The loss and metrics come from the task (`mmjax.tasks`). Parameters
 matching `frozen` patterns (LiT-style locked towers) get no gradient and no optimizer state: the gradient is
 taken with respect to the trainable subset only. Gradient accumulation (`grad_accum_steps`) splits the batch
-into micro-batches inside the step.
+into micro-batches inside the step. With `nonfinite="skip"`, a step whose loss or gradient is NaN/Inf leaves the
+state unchanged (bar the step counter) and reports `nonfinite_skipped = 1`.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def train_step(
     frozen: Sequence[str] = (),
     grad_accum_steps: int = 1,
     batch_sharding: NamedSharding | None = None,
+    nonfinite: str = "stop",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the (global) batch; gradients are averaged over it, hence over every device.
 
@@ -145,7 +147,14 @@ def train_step(
     normalisation uses micro-batch statistics), and micro-batch j draws dropout from `fold_in(step rng, j)`.
     Only per-example losses accumulate exactly (see `per_example_loss`). XLA reduces each micro-batch's
     gradient over the devices inside the loop, so gradient communication grows with k.
+
+    `nonfinite="skip"`: when the loss or the gradient norm is NaN/Inf, the new parameters, optimizer state and model
+    state are discarded (the old ones are kept, as `optax.apply_if_finite` does) and the metric
+    `nonfinite_skipped` is 1; the step counter still advances, so the next step draws fresh randomness. With
+    "stop" (the default) the step is unchanged and the loop stops on non-finite metrics (`reliability`).
     """
+    if nonfinite not in ("stop", "skip"):
+        raise ValueError(f"config train.nonfinite={nonfinite!r}; valid: stop, skip")
     if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
         raise ValueError(f"config train.grad_accum_steps={grad_accum_steps!r} must be a positive integer")
     trainable, locked = split_params(state.params, frozen)
@@ -179,9 +188,14 @@ def train_step(
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     params = merge_params(optax.apply_updates(trainable, updates), locked)
     metrics = {"loss": loss, **task_metrics, "grad_norm": optax.tree.norm(grads)}
-    new_state = state.replace(
-        step=state.step + 1, params=params, model_state=dict(model_state), opt_state=opt_state
-    )
+    model_state = dict(model_state)
+    if nonfinite == "skip":
+        finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        model_state = keep(model_state, dict(state.model_state))
+        metrics["nonfinite_skipped"] = jnp.logical_not(finite).astype(jnp.int32)
+    new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
     return new_state, metrics
 
 
