@@ -49,6 +49,7 @@ Ops are frozen dataclasses and the composed callables hold only them, so everyth
 
 from __future__ import annotations
 
+import abc
 import ast
 import dataclasses
 import io
@@ -95,7 +96,7 @@ class Context:
     tokenizer: str | None = None
 
 
-class Op:
+class Op(abc.ABC):
     """A deterministic op: `op(value) -> value`. Subclasses are frozen dataclasses registered by name."""
 
     name: ClassVar[str] = ""
@@ -105,8 +106,9 @@ class Op:
         """Fills defaults from the context and checks them; returns the bound op and the context after it."""
         return self, context
 
+    @abc.abstractmethod
     def __call__(self, value):
-        raise NotImplementedError
+        """The op applied to one example's value."""
 
     def __str__(self) -> str:
         parts = []
@@ -126,8 +128,9 @@ class RandomOp(Op):
         """The deterministic ops evaluation runs in its place (empty: the value is kept)."""
         return ()
 
+    @abc.abstractmethod
     def __call__(self, value, rng: np.random.Generator):
-        raise NotImplementedError
+        """The op applied to one example's value, drawing from `rng`."""
 
 
 def register(name: str) -> Callable[[type], type]:

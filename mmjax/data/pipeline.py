@@ -294,7 +294,7 @@ def _put(buffer: queue.Queue, item: Any, stop: threading.Event) -> bool:
             buffer.put(item, timeout=0.05)
             return True
         except queue.Full:
-            pass
+            continue  # Retry until there is room or the consumer stops us.
     return False
 
 

@@ -108,7 +108,7 @@ def _writing(checkpoints: str, after: int, since: float | None = None) -> bool:
                 if since is None or os.stat(os.path.join(checkpoints, name)).st_mtime >= since:
                     return True
             except FileNotFoundError:
-                pass
+                continue  # Orbax renamed the temporary directory (the write committed) while we looked.
     return False
 
 
@@ -119,7 +119,7 @@ def _size(path: str) -> int:
             try:
                 total += os.path.getsize(os.path.join(root, name))
             except FileNotFoundError:
-                pass
+                continue  # Removed by checkpoint rotation while we walked: it holds no bytes any more.
     return total
 
 
