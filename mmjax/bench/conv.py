@@ -42,8 +42,11 @@ per chunk of 4-16 examples (0.5-2 MiB) and one matmul beat the per-chunk convolu
 with 16 channels it lost (25x20: equal to 1.1x slower, 40x50: 1.5x slower) and one batched
 matmul over chunk groups was no faster than chunks unrolled. The encoders' ReLU + 2x2 max-pool
 backward (autodiff of ``jnp.max``: equality mask, tie counts, division, in several passes) was
-2-3x slower than a ``custom_vjp`` that routes each window's gradient to its first maximum in one
-pass (``mmjax.nn.layers.relu_max_pool_2x2``).
+2-3x slower than a ``custom_vjp`` that routes each window's gradient to its first maximum
+(``mmjax.nn.layers.relu_max_pool_2x2``). That backward is now one broadcast select from an int8
+winner index kept by the forward: XLA's CPU code for the earlier mask version (compare the input
+with the pooled maximum, keep the first hit, stack) ran several times below memory speed on
+16-channel maps, and recomputed it inside the conv bias gradient.
 
 Splitting the forward pass or the input gradient into example chunks gained nothing
 (1.0-1.25x); im2col forward was 1.1-2.3x slower; a polyphase input gradient for stride 2 was

@@ -144,6 +144,61 @@ def test_relu_max_pool_2x2_equals_flax_and_its_gradient(shape):
     np.testing.assert_array_equal(grad(relu_max_pool_2x2), grad(reference))
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (3, 49, 40, 16), (1, 5, 7, 2), (3, 1, 1, 1)])
+def test_relu_max_pool_2x2_equals_flax_with_many_ties(shape):
+    """Small integers make most windows hold tied maxima: the gradient must go to the first one of each, as
+    `nn.max_pool`'s select-and-scatter sends it, also through a bias added before the pooling."""
+    import flax.linen as nn
+
+    from mmjax.nn.layers import relu_max_pool_2x2
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.integers(-2, 3, size=shape).astype(np.float32))
+    bias = jnp.asarray(rng.integers(-1, 2, size=shape[-1:]).astype(np.float32))
+    reference = lambda v, b: nn.max_pool(nn.relu(v + b), (2, 2), strides=(2, 2), padding="SAME")
+    ours = lambda v, b: relu_max_pool_2x2(v + b)
+    np.testing.assert_array_equal(jax.jit(ours)(x, bias), reference(x, bias))
+    weights = jnp.asarray(rng.normal(size=reference(x, bias).shape).astype(np.float32))
+    grads = lambda f: jax.jit(jax.grad(lambda v, b: jnp.sum(f(v, b) * weights), argnums=(0, 1)))(x, bias)
+    (dx, dbias), (dx_ref, dbias_ref) = grads(ours), grads(reference)
+    np.testing.assert_array_equal(dx, dx_ref)
+    np.testing.assert_allclose(dbias, dbias_ref, rtol=1e-5, atol=1e-4)  # Summed in another order.
+
+
+def test_relu_max_pool_2x2_rejects_bad_shapes():
+    from mmjax.nn.layers import relu_max_pool_2x2
+
+    with pytest.raises(ValueError, match=r"\[batch, height, width, channels\].*\(4, 4\)"):
+        relu_max_pool_2x2(jnp.zeros((4, 4)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_conv_relu_pool_equals_conv_then_relu_then_flax_max_pool(dtype):
+    """Same parameters as a `Conv`, same outputs and gradients as Conv -> ReLU -> nn.max_pool."""
+    import flax.linen as nn
+
+    from mmjax.nn.conv import Conv
+    from mmjax.nn.layers import ConvReluPool
+
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 3, 9, 7, 4)).astype(np.float32))  # Two batch dims.
+    layer, plain = ConvReluPool(8, (3, 3), dtype=dtype), Conv(8, (3, 3), dtype=dtype)
+    params = layer.init(jax.random.PRNGKey(0), x)
+    params = jax.tree_util.tree_map(lambda p: p + 0.1, params)  # A non-zero bias.
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(plain.init(jax.random.PRNGKey(0), x))
+
+    def reference(p, v):
+        y = nn.relu(plain.apply(p, v)).reshape(-1, 9, 7, 8)
+        return nn.max_pool(y, (2, 2), strides=(2, 2), padding="SAME").reshape(2, 3, 5, 4, 8)
+
+    out = layer.apply(params, x)
+    assert out.shape == (2, 3, 5, 4, 8) and out.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(reference(params, x), np.float32))
+    loss = lambda f: jax.grad(lambda p: jnp.sum(f(p, x).astype(jnp.float32) ** 2))(params)
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    for got, want in zip(jax.tree_util.tree_leaves(loss(layer.apply)), jax.tree_util.tree_leaves(loss(reference))):
+        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
+
+
 def test_relu_max_pool_2x2_gives_a_tied_maximum_gradient_once():
     from mmjax.nn.layers import relu_max_pool_2x2
 

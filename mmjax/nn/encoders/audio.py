@@ -16,20 +16,9 @@ import numpy as np
 from einops import rearrange
 
 from mmjax.nn.common import Dtype, EncoderOutput, check_rank, to_dtype
-from mmjax.nn.conv import Conv
-from mmjax.nn.layers import relu_max_pool_2x2
+from mmjax.nn.layers import ConvReluPool
 from mmjax.nn.transformer import Transformer, masked_mean, maybe_remat
 from mmjax.registry import ENCODERS
-
-
-class _ConvStage(Conv):
-    """`Conv` -> ReLU -> 2x2 max-pool. A `Conv` subclass, so its parameters are still `kernel` and `bias` directly
-    under the stage's name: `spectrogram_cnn` names stage i `Conv_{i}`, which keeps its parameter tree
-    (`Conv_0`, `Conv_1`, ..., `token_proj`, `pool_proj`) the same with and without remat."""
-
-    @nn.compact
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        return relu_max_pool_2x2(super().__call__(inputs))
 
 
 @ENCODERS.register("spectrogram_cnn")
@@ -53,7 +42,7 @@ class SpectrogramCNN(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> EncoderOutput:
         check_rank("spectrogram_cnn", x, 3, "[B, frames, mels]")
         x = to_dtype(x, self.dtype)[..., None]
-        stage = maybe_remat(_ConvStage, self.remat, static_argnums=())
+        stage = maybe_remat(ConvReluPool, self.remat, static_argnums=())
         for i, features in enumerate(self.features):
             x = stage(features, (3, 3), impl=self.conv_impl, dtype=self.dtype, name=f"Conv_{i}")(x)
         tokens = nn.Dense(self.width, dtype=self.dtype, name="token_proj")(rearrange(x, "b t f c -> b t (f c)"))

@@ -26,7 +26,7 @@ from einops import rearrange
 
 from mmjax.nn.common import Dtype, EncoderOutput, check_rank, to_dtype
 from mmjax.nn.conv import Conv
-from mmjax.nn.layers import relu_max_pool_2x2
+from mmjax.nn.layers import ConvReluPool
 from mmjax.nn.transformer import LAYER_NORM_EPS, Transformer, maybe_remat, remat_policy
 from mmjax.registry import ENCODERS
 
@@ -70,8 +70,9 @@ class SmallCNN(nn.Module):
         for i, features in enumerate(self.features):
 
             def stage(module, x, i=i, features=features):
-                conv = Conv(features, (3, 3), impl=self.conv_impl, dtype=self.dtype, parent=module, name=f"Conv_{i}")
-                return relu_max_pool_2x2(conv(x)) if i in self.pool_after else nn.relu(conv(x))
+                layer = ConvReluPool if i in self.pool_after else Conv
+                y = layer(features, (3, 3), impl=self.conv_impl, dtype=self.dtype, parent=module, name=f"Conv_{i}")(x)
+                return y if i in self.pool_after else nn.relu(y)
 
             if self.remat != "none":
                 stage = nn.remat(stage, policy=policy)
