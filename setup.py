@@ -34,7 +34,7 @@ setup(
         "safetensors>=0.5,<0.9",
     ],
     extras_require={
-        "test": ["pytest>=8,<10"],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],  # -n auto: one worker per core.
         # Only to prepare or convert TFDS catalog data (`tfds build ...`, `tfds convert_format ...`, see
         # mmjax.data.catalog); training reads array_record without TensorFlow. Not installed or tested here.
         "tfrecord": [
