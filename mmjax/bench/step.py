@@ -118,6 +118,17 @@ def _compute_dtype(config: ml_collections.ConfigDict):
     return jnp.dtype(config.model.get("dtype") or "float32")
 
 
+def time_steps(step_fn, state, batch, steps: int) -> tuple[Any, list[float]]:
+    """Runs `steps` train steps on one on-device batch, each waited for; returns the state and each step's seconds."""
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        jax.block_until_ready(metrics)
+        seconds.append(time.perf_counter() - start)
+    return state, seconds
+
+
 def benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
     """Times the experiment's train step (see the module docstring); returns every figure as a dict."""
     from mmjax.bench.flops import model_flops
@@ -142,23 +153,15 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
     batch = next_batch()
     jax.block_until_ready((state, batch))
     before = len(counter.events)
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    first_step_s = time.perf_counter() - start
+    state, (first_step_s,) = time_steps(step_fn, state, batch, 1)
     compile_s = sum(counter.events[before:])
     compiles_at_first_step = len(counter.events)
 
     for _ in range(warmup - 1):
-        state, metrics = step_fn(state, next_batch())
-    jax.block_until_ready(metrics)
+        state, _ = step_fn(state, next_batch())
+    jax.block_until_ready(state)
     # Compute alone: the same on-device batch every step.
-    compute = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = step_fn(state, batch)
-        jax.block_until_ready(metrics)
-        compute.append(time.perf_counter() - start)
+    state, compute = time_steps(step_fn, state, batch, steps)
     # As training runs: the next batch is read and transferred while the device computes the current step.
     totals, reads = [], []
     batch = next_batch()

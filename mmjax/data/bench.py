@@ -113,6 +113,7 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int) -> dict[str, 
     """Examples/s of the jitted train step alone (one batch on the devices, compiled first)."""
     import jax
 
+    from mmjax.bench.step import time_steps
     from mmjax.data import pipeline
     from mmjax.train import loop
 
@@ -122,16 +123,8 @@ def measure_step(config: ml_collections.ConfigDict, *, steps: int) -> dict[str, 
                                             global_batch_size=config.data.batch_size, seed=config.seed)))
     batch = pipeline.to_global({k: host[k] for k in s.keys}, s.batch_sharding)
     step_fn = s.train_step_fn()
-    start = time.perf_counter()
-    state, metrics = step_fn(state, batch)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = step_fn(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+    state, (compile_s,) = time_steps(step_fn, state, batch, 1)
+    state, times = time_steps(step_fn, state, batch, steps)
     step_s = statistics.median(times)
     return {"first_step_s": compile_s, "step_s": step_s, "step_examples_per_s": config.data.batch_size / step_s,
             "devices": jax.device_count()}
