@@ -327,7 +327,8 @@ def _write_outputs(workdir, rows, curves, per_method, classical_results, config)
 
 
 def main(argv=None):
-    return cli.main(get_config, run, argv, description=__doc__)
+    # Each method trains once per seed with the same programs: the compile cache compiles them once.
+    return cli.main(get_config, run, argv, description=__doc__, compile_cache=True)
 
 
 if __name__ == "__main__":

@@ -864,11 +864,8 @@ def main(argv: Sequence[str] | None = None):
     from mmjax.train.loop import PREEMPTED_EXIT_CODE
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    if args.compile_cache:  # Process-wide; set before anything compiles.
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(args.workdir), "jax_cache"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # Eval, init, ...: ~0.5 s each.
+    if args.compile_cache:
+        cli.enable_compile_cache(args.workdir)
     try:
         result = run_sweep(sweep, args.workdir, saved)
     except SweepError as error:

@@ -45,6 +45,7 @@ def _check_fusion_benchmark(workdir, stdout):
         assert float(row["step_ms"]) > 0 and float(row["peak_memory_mb"]) > 0
     for name in ("results.md", "robustness.md", "robustness.png", "benchmark.json"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0
+    assert os.listdir(os.path.join(workdir, "jax_cache"))  # --compile_cache is on by default here.
     robustness = json.load(open(os.path.join(workdir, "benchmark.json")))["robustness"]
     assert len(robustness["concat"]["noise"]["audio"]) == 6 and set(robustness["concat"]["missing"]) == {
         "audio", "image"}
