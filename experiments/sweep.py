@@ -607,9 +607,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=("max", "min"), help="whether a higher or lower metric is better")
     parser.add_argument("--preset", help="a named preset of the base experiment (its PRESETS), before --config")
     parser.add_argument("--dry_run", action="store_true", help="print the trials and exit (nothing is written)")
-    parser.add_argument("--compile_cache", action="store_true",
-                        help="keep XLA's compiled programs in WORKDIR/jax_cache: trials (and re-runs) reuse the ones "
-                             "that do not change between them")
+    cli.add_compile_cache_argument(parser, default=False)
     group = parser.add_argument_group("multi-process (one process per host; or MMJAX_* environment variables)")
     group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
     group.add_argument("--num_processes", type=int)

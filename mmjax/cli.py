@@ -85,6 +85,16 @@ def enable_compile_cache(workdir: str) -> str:
     return path
 
 
+def add_compile_cache_argument(parser: argparse.ArgumentParser, default: bool) -> None:
+    """`--compile_cache` / `--no-compile_cache` (see `enable_compile_cache`), shared by every experiment and the sweep."""
+    parser.add_argument(
+        "--compile_cache", action=argparse.BooleanOptionalAction, default=default,
+        help=f"keep XLA's compiled programs in WORKDIR/{COMPILE_CACHE_DIR} and load them where a program repeats "
+        f"(re-runs, further seeds of a model, sweep trials) instead of compiling again (default: "
+        f"{'on' if default else 'off'} here)",
+    )
+
+
 def _time_limit(text: str) -> float:
     try:
         value = float(text)
@@ -141,11 +151,7 @@ def parse(
         help="wall-clock budget of this command (or $MMJAX_TIME_LIMIT_S): stop, save a checkpoint and exit with "
         "status 75 early enough to finish the save before it runs out",
     )
-    parser.add_argument(
-        "--compile_cache", action=argparse.BooleanOptionalAction, default=compile_cache,
-        help=f"keep XLA's compiled programs in WORKDIR/{COMPILE_CACHE_DIR} and reuse them (re-runs, further seeds of "
-        f"a model) instead of compiling again (default: {'on' if compile_cache else 'off'} for this experiment)",
-    )
+    add_compile_cache_argument(parser, compile_cache)
     group = parser.add_argument_group("multi-process (one process per host; or MMJAX_* environment variables)")
     group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
     group.add_argument("--num_processes", type=int)

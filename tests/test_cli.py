@@ -1,4 +1,4 @@
-"""The experiment launcher's start-up: the malloc re-exec that speeds up XLA on CPU."""
+"""The experiment launcher's start-up: the malloc re-exec that speeds up XLA on CPU, and the compile cache."""
 
 import os
 import subprocess

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import experiments
+from mmjax import cli
 from tests.conftest import REPO_ROOT, tiny_overrides
 
 
@@ -45,7 +46,7 @@ def _check_fusion_benchmark(workdir, stdout):
         assert float(row["step_ms"]) > 0 and float(row["peak_memory_mb"]) > 0
     for name in ("results.md", "robustness.md", "robustness.png", "benchmark.json"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0
-    assert os.listdir(os.path.join(workdir, "jax_cache"))  # --compile_cache is on by default here.
+    assert os.listdir(os.path.join(workdir, cli.COMPILE_CACHE_DIR))  # --compile_cache is on by default here.
     robustness = json.load(open(os.path.join(workdir, "benchmark.json")))["robustness"]
     assert len(robustness["concat"]["noise"]["audio"]) == 6 and set(robustness["concat"]["missing"]) == {
         "audio", "image"}
@@ -86,7 +87,7 @@ def _check_sweep(workdir, stdout):
     assert [t["status"] for t in trials] == ["done", "done"]
     for name in ("leaderboard.md", "leaderboard.png"):
         assert os.path.getsize(os.path.join(workdir, name)) > 0
-    assert os.listdir(os.path.join(workdir, "jax_cache"))  # --compile_cache
+    assert os.listdir(os.path.join(workdir, cli.COMPILE_CACHE_DIR))  # --compile_cache
 
 
 def _tiny_clip_throughput(data_dir):
