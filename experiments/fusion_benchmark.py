@@ -155,7 +155,7 @@ def _format(mean: float, std: float) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
-    from mmjax import logging as log_lib
+    from mmjax import reporting
     from mmjax.evaluate import robustness
     from mmjax.data import pipeline
     from mmjax.train import loop
@@ -188,13 +188,13 @@ def run(config: ml_collections.ConfigDict, workdir: str):
             runs.append({"result": result, "robustness": curve})
         per_method[method] = runs
         curves[method] = _average_curves([r["robustness"] for r in runs])
-        log_lib.console(f"--- {method}: test accuracy {_format(*_accuracies(runs, 'accuracy'))}")
+        reporting.console(f"--- {method}: test accuracy {_format(*_accuracies(runs, 'accuracy'))}")
 
     classical_results = _classical(config, unimodal)
     rows = _rows(per_method, curves, classical_results)
     _write_outputs(workdir, rows, curves, per_method, classical_results, config)
     table = results_table(rows)
-    log_lib.console("\n" + table + "\n\n" + robustness.robustness_table(curves))
+    reporting.console("\n" + table + "\n\n" + robustness.robustness_table(curves))
     return {"rows": rows, "table": table}
 
 
@@ -220,7 +220,7 @@ def _average_curves(curves: list[dict]) -> dict:
 
 def _classical(config: ml_collections.ConfigDict, unimodal: dict[int, dict[str, str]]) -> dict:
     """SVM / random forest per modality on the trained single-modality encoders' features, late-fused."""
-    from mmjax import logging as log_lib
+    from mmjax import reporting
     from mmjax.evaluate import classical
     from mmjax.train import loop
 
@@ -241,7 +241,7 @@ def _classical(config: ml_collections.ConfigDict, unimodal: dict[int, dict[str, 
         per_seed.append(classical.classical_late_fusion(train_f, train_y, test_f, test_y, kinds, seed=seed,
                                                         num_classes=config.model.num_classes))
     if not per_seed:
-        log_lib.console("classical baselines skipped: they need the image_only and audio_only methods")
+        reporting.console("classical baselines skipped: they need the image_only and audio_only methods")
         return {}
     results = {}
     for kind in kinds:
@@ -295,10 +295,10 @@ def results_table(rows: list[dict]) -> str:
 
 
 def _write_outputs(workdir, rows, curves, per_method, classical_results, config) -> None:
-    from mmjax import logging as log_lib
+    from mmjax import reporting
     from mmjax.evaluate import robustness
 
-    if not log_lib.is_primary():
+    if not reporting.is_primary():
         return
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "results.md"), "w") as f:

@@ -82,14 +82,14 @@ def binding_table(summary: dict) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str):
     from mmjax import compare
-    from mmjax import logging as log_lib
+    from mmjax import reporting
 
     result = compare.run_variants(config, workdir, VARIANTS, metrics=("binding_accuracy", "i2t_recall@1"))
     if result.get("preempted"):
         return result
     table = binding_table({name: r["splits"] for name, r in result["variants"].items()})
-    log_lib.console("\n" + table)
-    if log_lib.is_primary():
+    reporting.console("\n" + table)
+    if reporting.is_primary():
         with open(os.path.join(workdir, "binding.md"), "w") as f:
             f.write(table + "\n")
         with open(os.path.join(workdir, "binding.json"), "w") as f:

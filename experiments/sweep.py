@@ -718,9 +718,9 @@ class _Record:
         return rank(self.trials, self.sweep.metric, self.sweep.mode)
 
     def save(self) -> None:
-        from mmjax import logging as log_lib
+        from mmjax import reporting
 
-        if not log_lib.is_primary():
+        if not reporting.is_primary():
             return
         os.makedirs(self.workdir, exist_ok=True)
         record = {
@@ -738,12 +738,12 @@ class _Record:
         os.replace(path + ".tmp", path)
 
     def write_leaderboard(self, plot: bool = False) -> str:
-        from mmjax import logging as log_lib
+        from mmjax import reporting
 
         rows = self.leaderboard()
         keys = [g.key for g in self.sweep.grids]
         table = leaderboard_markdown(rows, keys, self.sweep.metric)
-        if log_lib.is_primary():
+        if reporting.is_primary():
             with open(os.path.join(self.workdir, "leaderboard.md"), "w") as f:
                 f.write(table + "\n")
             write_csv(rows, keys, self.sweep.metric, os.path.join(self.workdir, "leaderboard.csv"))
@@ -785,19 +785,19 @@ def _summary(rows: list[dict], metric: str) -> str:
 def run_sweep(sweep: Sweep, workdir: str, saved: dict | None = None) -> dict[str, Any]:
     """Runs the trials not finished yet, one after the other; returns `{"leaderboard", "trials", "best"}` or, if a
     trial was preempted, that trial's `{"preempted": True, ...}`."""
-    from mmjax import logging as log_lib
+    from mmjax import reporting
 
     workdir = os.path.abspath(workdir)
     module = load_base(sweep.base)
     record = _Record(sweep, workdir, saved)
     record.save()
     total = len(sweep.trials)
-    log_lib.console(f"sweep of {sweep.base}: {total} trial(s), ranked by {sweep.mode} {sweep.metric} | {workdir}")
+    reporting.console(f"sweep of {sweep.base}: {total} trial(s), ranked by {sweep.mode} {sweep.metric} | {workdir}")
     for trial, entry in zip(sweep.trials, record.trials):
         trial_dir = os.path.join(workdir, trial.name)
-        log_lib.console(f"trial {trial.index}/{total}: {trial.describe()}")
+        reporting.console(f"trial {trial.index}/{total}: {trial.describe()}")
         if entry["status"] == "done" and os.path.isdir(trial_dir):
-            log_lib.console(f"trial {trial.index}/{total}: finished earlier: {sweep.metric} "
+            reporting.console(f"trial {trial.index}/{total}: finished earlier: {sweep.metric} "
                             f"{_summary(entry['rows'], sweep.metric)}")
             continue
         entry.update(status="running")
@@ -810,7 +810,7 @@ def run_sweep(sweep: Sweep, workdir: str, saved: dict | None = None) -> dict[str
             if isinstance(result, dict) and result.get("preempted"):
                 entry["status"] = "preempted"
                 record.save()
-                log_lib.console(f"trial {trial.index}/{total} preempted; re-run the same command to resume the sweep")
+                reporting.console(f"trial {trial.index}/{total} preempted; re-run the same command to resume the sweep")
                 return result
             rows = result_rows(result, sweep.base)
         except BaseException as error:
@@ -824,10 +824,10 @@ def run_sweep(sweep: Sweep, workdir: str, saved: dict | None = None) -> dict[str
             shown = "; ".join(f"{key} swept {show(trial.values[key])}, but "
                               + ", ".join(f"{variant} ran {show(value)}" for variant, value in ran.items())
                               for key, ran in overridden.items())
-            log_lib.console(f"WARNING: trial {trial.index}: the experiment replaced swept values: {shown}")
+            reporting.console(f"WARNING: trial {trial.index}: the experiment replaced swept values: {shown}")
         record.save()
         record.write_leaderboard()
-        log_lib.console(f"trial {trial.index}/{total}: {sweep.metric} {_summary(rows, sweep.metric)}")
+        reporting.console(f"trial {trial.index}/{total}: {sweep.metric} {_summary(rows, sweep.metric)}")
         if all(metric_value(r, sweep.metric) is None for r in rows):
             split = sweep.metric.partition("/")[0]
             available = sorted({m for r in rows for m in r["splits"].get(split, {})})
@@ -836,11 +836,11 @@ def run_sweep(sweep: Sweep, workdir: str, saved: dict | None = None) -> dict[str
                              "with another --metric: finished trials are kept")
     table = record.write_leaderboard(plot=True)
     leaderboard = record.leaderboard()
-    log_lib.console(f"\nsweep of {sweep.base} ({sweep.mode} {sweep.metric}), {workdir}/leaderboard.md:\n{table}")
+    reporting.console(f"\nsweep of {sweep.base} ({sweep.mode} {sweep.metric}), {workdir}/leaderboard.md:\n{table}")
     best = leaderboard[0] if leaderboard and leaderboard[0]["metric"] is not None else None
     if best:
         trial = sweep.trials[best["trial"] - 1]
-        log_lib.console(
+        reporting.console(
             f"best: trial {best['trial']} {trial.describe()}" + (f" [{best['variant']}]" if best["variant"] else "")
             + f", {sweep.metric} {best['metric']:.4f}; its config: "
             + f"python -m experiments.{sweep.base} --workdir DIR "

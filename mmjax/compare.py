@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
-from mmjax import logging as log_lib
+from mmjax import reporting
 from mmjax.train import loop
 
 Variant = Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]
@@ -47,14 +47,14 @@ def run_variants(
     for name in config.variants:
         variant = variants[name](ml_collections.ConfigDict(config.to_dict()))
         variant.name = f"{config.get('name', 'run')}/{name}"
-        log_lib.console(f"=== {variant.name} ===")
+        reporting.console(f"=== {variant.name} ===")
         result = loop.run(variant, os.path.join(workdir, name))
         if result.get("preempted"):
             return result
         results[name] = result
     table = comparison_table(results, split, metrics)
-    log_lib.console("\n" + table)
-    if log_lib.is_primary():
+    reporting.console("\n" + table)
+    if reporting.is_primary():
         with open(os.path.join(workdir, "summary.md"), "w") as f:
             f.write(table + "\n")
         with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers
 
-from mmjax import logging as log_lib
+from mmjax import reporting
 
 CORRUPT_DIRNAME = "corrupt"
 META_ITEM = "meta"  # JSON item saved with every step: {"format", "step", "fingerprint", "loop"}.
@@ -280,7 +280,7 @@ class Checkpointer:
         meta = restored[META_ITEM] if META_ITEM in restored else None
         verified = verify_fingerprint(step, self.directory, meta, restored.state)
         if verified is None:
-            log_lib.console(
+            reporting.console(
                 f"note: checkpoint step {step} in {self.directory} has no fingerprint (saved before checkpoints were "
                 "verified); restored without verification"
             )

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from mmjax import config as config_lib
-from mmjax import logging as log_lib
+from mmjax import reporting
 from mmjax.data import pipeline
 from mmjax.data.datasets import Dataset, get_dataset
 from mmjax.nn.model import MultimodalModel, build_model
@@ -314,7 +314,7 @@ class _StopRequest:
             if self.signal is not None:
                 raise KeyboardInterrupt(f"second signal ({name}) while stopping: stopping now, without a new checkpoint")
             self.signal = signum
-            log_lib.console(f"received {name}: finishing this step and saving a checkpoint")
+            reporting.console(f"received {name}: finishing this step and saving a checkpoint")
 
         for s in previous:
             signal.signal(s, handler)
@@ -327,7 +327,7 @@ class _StopRequest:
                 signal.signal(s, h)
             if finished and self.signal is not None and not self.acted_on:
                 _StopRequest.carried_over = self.signal
-                log_lib.console(f"{signal.Signals(self.signal).name} arrived after the last step, so this run finished; "
+                reporting.console(f"{signal.Signals(self.signal).name} arrived after the last step, so this run finished; "
                                 "a next run in this process will stop before training")
 
     @property
@@ -543,7 +543,7 @@ def init_from_pretrained(state: TrainState, init_from, s: "Setup") -> TrainState
     params = jax.device_get(state.params)
     for subtree, source in sorted(dict(init_from).items()):
         params = merge_pretrained(params, subtree, load_pretrained_source(source))
-        log_lib.console(f"initialised {subtree} from {source}")
+        reporting.console(f"initialised {subtree} from {source}")
     params = jax.device_put(params, s.state_sharding.params)
     trainable, _ = split_params(params, s.frozen)
     opt_state = jax.jit(s.tx.init, out_shardings=s.state_sharding.opt_state)(trainable)
@@ -569,12 +569,12 @@ def load_trained(workdir: str, step: int | str = "latest") -> tuple[Setup, Train
     devices = jax.device_count()
     fsdp = (config.get("mesh") or {}).get("fsdp", 1)
     if isinstance(fsdp, int) and fsdp > 0 and devices % fsdp:
-        log_lib.console(f"{workdir}: mesh.fsdp={fsdp} does not divide the {devices} device(s) here; loading with 1")
+        reporting.console(f"{workdir}: mesh.fsdp={fsdp} does not divide the {devices} device(s) here; loading with 1")
         config.mesh.fsdp = 1
     eval_batch = config.data.eval_batch_size
     if isinstance(eval_batch, int) and eval_batch > 0 and eval_batch % devices:
         config.data.eval_batch_size = -(-eval_batch // devices) * devices
-        log_lib.console(
+        reporting.console(
             f"{workdir}: data.eval_batch_size={eval_batch} does not split over the {devices} device(s) here; "
             f"using {config.data.eval_batch_size}"
         )
@@ -620,7 +620,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         s = setup(config)
         dataset, spec = s.dataset, s.spec
         _check_workdir(workdir, config, spec)
-        if log_lib.is_primary():
+        if reporting.is_primary():
             config_lib.save(config, workdir)
             reliability.write_json_atomic(os.path.join(workdir, INPUTS_FILENAME), spec, indent=2)
 
@@ -647,7 +647,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             best_metric=config.checkpoint.best_metric or None,
             best_mode=config.checkpoint.best_mode,
         )
-        writer = log_lib.MetricWriter(workdir)
+        writer = reporting.MetricWriter(workdir)
         try:
             outcome = _train(config, workdir, s, train_iter, checkpointer, writer, stop, budget, nonfinite)
         except BaseException:
@@ -681,23 +681,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     }
     if nonfinite == "skip":
         results["nonfinite_skipped_steps"] = outcome["skipped"]
-    if log_lib.is_primary():
+    if reporting.is_primary():
         reliability.write_json_atomic(os.path.join(workdir, RESULTS_FILENAME), results, indent=2)
-        log_lib.plot_curves(log_lib.read_metrics(workdir), os.path.join(workdir, "curves.png"), config.get("name", ""))
+        reporting.plot_curves(reporting.read_metrics(workdir), os.path.join(workdir, "curves.png"), config.get("name", ""))
     return results
 
 
-def _close_after_error(checkpointer: Checkpointer, writer: log_lib.MetricWriter) -> None:
+def _close_after_error(checkpointer: Checkpointer, writer: reporting.MetricWriter) -> None:
     """Finishes the pending checkpoint write and closes the logs while an error propagates; a second failure here
     is printed, never raised over the first."""
     for close in (checkpointer.close, writer.close):
         try:
             close()
         except Exception as error:  # noqa: BLE001 - the original error is the one to report.
-            log_lib.console(f"while stopping after an error: {close.__qualname__} failed: {type(error).__name__}: {error}")
+            reporting.console(f"while stopping after an error: {close.__qualname__} failed: {type(error).__name__}: {error}")
 
 
-def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, writer: log_lib.MetricWriter,
+def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, writer: reporting.MetricWriter,
            stop: _StopRequest, budget: reliability.TimeBudget, nonfinite: str) -> dict[str, Any]:
     """The body of `run()` between opening and closing the checkpointer and the metric writer."""
     num_steps = config.train.num_steps
@@ -710,14 +710,14 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
     else:
         start_step, state = restored
         saved = checkpointer.loop_state(start_step)
-        log_lib.console(f"resumed from step {start_step} in {workdir}")
+        reporting.console(f"resumed from step {start_step} in {workdir}")
     writer.truncate_after(start_step)  # Records of steps after the checkpoint are recomputed identically.
 
     num_params = count_parameters(s.abstract_state.params)
     frozen_note = ""
     if s.frozen:
         frozen_note = f" ({count_parameters(split_params(s.abstract_state.params, s.frozen)[1]):,} frozen)"
-    log_lib.console(
+    reporting.console(
         f"{config.get('name', 'run')}: {num_params:,} parameters{frozen_note} | {jax.device_count()} device(s) on "
         f"{jax.process_count()} process(es) | batch {config.data.batch_size} | {num_steps} steps | {workdir}"
     )
@@ -731,7 +731,7 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
             if log:
                 writer.write(step, split, _scalars(results[split]))
             shown = " | ".join(f"{k} {v:.4f}" for k, v in _scalars(results[split]).items())
-            log_lib.console(f"eval {split} @ step {step}: {shown}")
+            reporting.console(f"eval {split} @ step {step}: {shown}")
         return results
 
     def flat(results: dict[str, dict]) -> dict[str, float]:
@@ -754,7 +754,7 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
     def evaluates(step: int) -> bool:
         return step % config.train.eval_every_steps == 0 or step == num_steps
 
-    progress = log_lib.Progress(num_steps, config.data.batch_size, start_step)
+    progress = reporting.Progress(num_steps, config.data.batch_size, start_step)
     step = start_step
     memory = None
     preempted = False
@@ -763,7 +763,7 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
     train_start = time.perf_counter()
     if step < num_steps and _any_process(stop.signal is not None or budget.exhausted(evaluates=evaluates(step + 1))):
         stop.acted_on = True
-        log_lib.console(f"stopping before training, at step {step} in {workdir}, because of {stop.reason}; re-run to "
+        reporting.console(f"stopping before training, at step {step} in {workdir}, because of {stop.reason}; re-run to "
                         "continue")
         return {"preempted": True, "step": step}
     while step < num_steps:
@@ -816,7 +816,7 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
             window_start, window_steps = None, 0
         if stopping:
             stop.acted_on = True
-            log_lib.console(f"stopped at step {step} after {stop.reason}; checkpoint saved. Re-run to resume.")
+            reporting.console(f"stopped at step {step} after {stop.reason}; checkpoint saved. Re-run to resume.")
             preempted = True
             break
     check_finite()
@@ -826,7 +826,7 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
     if last_eval and last_eval[0] == num_steps:
         final = last_eval[1]
     else:  # A finished run saved without its evaluation (older checkpoints): evaluate, logging it only once.
-        logged = any(r["step"] == num_steps and r["split"] in config.eval.splits for r in log_lib.read_metrics(workdir))
+        logged = any(r["step"] == num_steps and r["split"] in config.eval.splits for r in reporting.read_metrics(workdir))
         final = evaluate_all(num_steps, log=not logged)
     return {"preempted": False, "start_step": start_step, "final": final, "memory": memory,
             "step_times": step_times, "train_seconds": train_seconds, "skipped": skipped}
