@@ -101,55 +101,6 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values))
 
 
-def _predictor(setup, state):
-    """Host batch -> predicted class ids, through the trained model (masks in the batch are honoured)."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    from mmjax.data import pipeline
-
-    @functools.partial(jax.jit, out_shardings=setup.batch_sharding)
-    def predict_fn(params, model_state, batch):
-        return jnp.argmax(setup.model.apply({"params": params, **model_state}, batch, train=False), -1)
-
-    def predict(batch):
-        modalities = setup.model.encoders
-        keys = [k for k in batch if k in modalities or (k.endswith("_mask") and k[: -len("_mask")] in modalities)]
-        out = predict_fn(state.params, state.model_state, pipeline.to_global({k: batch[k] for k in keys},
-                                                                             setup.batch_sharding))
-        rows = len(batch["label"])  # This process's rows of the global batch (contiguous, see pipeline).
-        gathered = np.asarray(multihost_utils.process_allgather(out, tiled=True))
-        return gathered[jax.process_index() * rows:(jax.process_index() + 1) * rows]
-
-    return predict
-
-
-def _features(setup, state, split: str) -> tuple[dict, Any]:
-    """Pooled features of each modality's trained encoder over a whole split, and the labels."""
-    import jax
-    import numpy as np
-
-    from mmjax.data import pipeline
-
-    encoders = {
-        m: jax.jit(lambda variables, x, enc=enc: enc.apply(variables, x, train=False).pooled)
-        for m, enc in setup.model.encoders.items()
-    }
-    features, labels = {m: [] for m in encoders}, []
-    for batch in pipeline.eval_batches(setup.dataset, split, global_batch_size=setup.config.data.eval_batch_size):
-        valid = batch[pipeline.VALID_KEY].astype(bool)
-        for m, fn in encoders.items():
-            variables = {"params": state.params[f"encoders_{m}"]}
-            variables |= {k: v[f"encoders_{m}"] for k, v in state.model_state.items() if f"encoders_{m}" in v}
-            features[m].append(np.asarray(fn(variables, batch[m]))[valid])
-        labels.append(batch["label"][valid])
-    return {m: np.concatenate(v) for m, v in features.items()}, np.concatenate(labels)
-
-
 def _format(mean: float, std: float) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
@@ -157,8 +108,8 @@ def _format(mean: float, std: float) -> str:
 def run(config: ml_collections.ConfigDict, workdir: str):
     from mmjax import reporting
     from mmjax.evaluate import robustness
-    from mmjax.data import pipeline
     from mmjax.train import loop
+    from mmjax.train.workdir import load_trained
 
     if not config.methods or not config.seeds:
         raise ValueError("config methods and seeds must both be non-empty")
@@ -175,14 +126,9 @@ def run(config: ml_collections.ConfigDict, workdir: str):
             result = loop.run(method_config(config, method, seed), run_dir)
             if result.get("preempted"):
                 return result
-            setup, state = loop.load_trained(run_dir)
-            make_batches = lambda s=setup: pipeline.eval_batches(  # noqa: E731
-                s.dataset, split, global_batch_size=config.data.eval_batch_size
-            )
-            modalities = sorted(setup.model.encoders)
-            curve = robustness.evaluate_robustness(
-                _predictor(setup, state), make_batches, modalities, levels=tuple(config.robustness.levels), seed=seed
-            )
+            setup, state = load_trained(run_dir)
+            evaluator = robustness.Robustness(levels=tuple(config.robustness.levels), seed=seed)
+            curve = evaluator(setup, state, split, None)["robustness"]
             if "only" in METHODS[method]:
                 unimodal.setdefault(seed, {})[METHODS[method]["only"]] = run_dir
             runs.append({"result": result, "robustness": curve})
@@ -222,7 +168,8 @@ def _classical(config: ml_collections.ConfigDict, unimodal: dict[int, dict[str, 
     """SVM / random forest per modality on the trained single-modality encoders' features, late-fused."""
     from mmjax import reporting
     from mmjax.evaluate import classical
-    from mmjax.train import loop
+    from mmjax.evaluate.features import extract_features
+    from mmjax.train.workdir import load_trained
 
     kinds = tuple(config.classical.classifiers)
     if not kinds:
@@ -233,10 +180,10 @@ def _classical(config: ml_collections.ConfigDict, unimodal: dict[int, dict[str, 
             continue
         train_f, train_y, test_f, test_y = {}, None, {}, None
         for modality, run_dir in dirs.items():
-            setup, state = loop.load_trained(run_dir)
-            features, train_y = _features(setup, state, config.data.train_split)
+            setup, state = load_trained(run_dir)
+            features, train_y = extract_features(setup, state, config.data.train_split)
             train_f[modality] = features[modality]
-            features, test_y = _features(setup, state, config.classical.split)
+            features, test_y = extract_features(setup, state, config.classical.split)
             test_f[modality] = features[modality]
         per_seed.append(classical.classical_late_fusion(train_f, train_y, test_f, test_y, kinds, seed=seed,
                                                         num_classes=config.model.num_classes))

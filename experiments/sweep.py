@@ -859,7 +859,7 @@ def main(argv: Sequence[str] | None = None):
     if argv is None:  # Only a real command line can be re-executed.
         cli.reexec_with_hugepages()
     from mmjax.train import parallel
-    from mmjax.train.loop import PREEMPTED_EXIT_CODE
+    from mmjax.train.preemption import PREEMPTED_EXIT_CODE
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     if args.compile_cache:

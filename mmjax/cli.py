@@ -187,7 +187,7 @@ def main(
     if argv is None:  # Only a real command line can be re-executed.
         reexec_with_hugepages(start_time)
     from mmjax.train import parallel, reliability
-    from mmjax.train.loop import PREEMPTED_EXIT_CODE
+    from mmjax.train.preemption import PREEMPTED_EXIT_CODE
 
     reliability.set_time_limit(args.time_limit_s, start=start_time)
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)

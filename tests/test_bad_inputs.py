@@ -2,7 +2,7 @@
 
 One test (or parametrized case) per distinct typo a researcher can make. Every case asserts the error type and
 that the message names the problem (and the fix or closest valid name where there is one). Nothing here trains or
-compiles: checks run in `config.apply_overrides`, `loop.validate`, `loop.setup` (which traces the model with
+compiles: checks run in `config.apply_overrides`, `setup.validate`, `setup.setup` (which traces the model with
 `jax.eval_shape`, before any compilation), `build_model`, `get_dataset` and `pipeline.check_batch`.
 The README's Reliability section lists these cases.
 """
@@ -21,10 +21,12 @@ from mmjax import config as config_lib
 from mmjax.config import ConfigError
 from mmjax.data import pipeline
 from mmjax.data.datasets import Dataset, get_dataset
-from mmjax.nn.model import build_model
+from mmjax.nn.builder import build_model
 from mmjax.registry import DATASETS
 from mmjax.tasks import build_task
 from mmjax.train import loop
+from mmjax.train import setup as setup_lib
+from mmjax.train import workdir as workdir_lib
 from tests.conftest import tiny_overrides
 
 NO_DATA = "/nonexistent/tfds"  # For checks that must fail before any data is read.
@@ -103,7 +105,7 @@ def test_bad_override_on_the_command_line_exits_2_naming_the_key(capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2. Config values (set in Python, loaded from JSON, or from overrides): `loop.validate` checks types, ranges,
+# 2. Config values (set in Python, loaded from JSON, or from overrides): `setup.validate` checks types, ranges,
 #    divisibility by the device count (8 simulated devices) and names before any data is read.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -176,12 +178,12 @@ def test_bad_config_value_fails_validation(key, value, fragments):
     config = tiny_config()
     _set(config, key, value)
     with raises(ValueError, *fragments):
-        loop.validate(config)
+        setup_lib.validate(config)
 
 
 def test_every_metric_name_a_task_declares_is_one_it_reports():
     """`metric_names` (what validate accepts in checkpoint.best_metric) matches what the tasks really report."""
-    from mmjax.tasks import Classification, MultiLabel, Regression
+    from mmjax.tasks.supervised import Classification, MultiLabel, Regression
 
     labels = np.array([0, 1, 2, 1])
     reported = {
@@ -286,7 +288,7 @@ def test_class_names_that_do_not_match_num_classes():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. Config vs dataset (`loop.setup` on the real AV-Digits data): modalities, label type, number of classes,
+# 4. Config vs dataset (`setup.setup` on the real AV-Digits data): modalities, label type, number of classes,
 #    split names; and model inputs the encoders cannot take, caught when the model is traced (still before any
 #    compilation) and prefixed with the config key of the encoder at fault.
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,7 +322,7 @@ def test_class_names_that_do_not_match_num_classes():
 def test_config_that_does_not_fit_the_dataset_fails_in_setup(av_digits_dir, overrides, fragments):
     config = tiny_config(av_digits_dir, **overrides)
     with raises(ValueError, *fragments):
-        loop.setup(config)
+        setup_lib.setup(config)
 
 
 def test_text_longer_than_the_encoders_positions_fails_in_setup():
@@ -332,7 +334,7 @@ def test_text_longer_than_the_encoders_positions_fails_in_setup():
     config.model.encoders = {"text": dict(name="text_transformer", vocab_size=1000, max_len=16, width=16, depth=1,
                                           num_heads=2, mlp_dim=32)}
     with raises(ValueError, "model.encoders.text: TextTransformer: sequence length L=40 exceeds max_len=16"):
-        loop.setup(config)
+        setup_lib.setup(config)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,7 +403,7 @@ def test_empty_split_is_refused_before_training(register):
     config = tiny_config(**{"eval.splits": "test", "checkpoint.best_metric": "test/accuracy"})
     config.model.encoders = {"x": {"name": "tabular_mlp"}}
     with raises(ValueError, "split 'test' of dataset 'fake' is empty (config eval.splits): 0 examples"):
-        loop._check_dataset(config, dataset)
+        setup_lib.check_dataset(config, dataset)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -454,7 +456,7 @@ def test_large_finite_values_are_not_mistaken_for_inf():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. Workdirs (`loop._check_workdir`, before anything is written): a workdir holding another model's checkpoints
+# 7. Workdirs (`workdir.check_workdir`, before anything is written): a workdir holding another model's checkpoints
 #    is refused and left untouched.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -465,7 +467,7 @@ def fake_workdir(path, config, spec=INPUT_SPEC):
     """A workdir as `run()` leaves it: config.json, model_inputs.json and a checkpoint step directory."""
     os.makedirs(os.path.join(path, "checkpoints", "2"))
     config_lib.save(config, str(path))
-    with open(os.path.join(path, loop.INPUTS_FILENAME), "w") as f:
+    with open(os.path.join(path, workdir_lib.INPUTS_FILENAME), "w") as f:
         json.dump(spec, f)
     return str(path)
 
@@ -475,21 +477,21 @@ def test_workdir_of_another_model(tmp_path):
     other = tiny_config(**{"model.fusion.name": "late"})
     with raises(ValueError, "holds checkpoints of a different model; nothing was changed there",
                 "model.fusion: saved {'name': 'concat'}, now {'name': 'late'}", "Use a new --workdir"):
-        loop._check_workdir(workdir, other, INPUT_SPEC)
+        workdir_lib.check_workdir(workdir, other, INPUT_SPEC)
 
 
 def test_workdir_of_a_model_with_other_input_shapes(tmp_path):
     workdir = fake_workdir(tmp_path / "run", tiny_config())
     spec = INPUT_SPEC | {"image": [[16, 16, 1], "float32"]}
     with raises(ValueError, "different model", "model inputs: saved"):
-        loop._check_workdir(workdir, tiny_config(), spec)
+        workdir_lib.check_workdir(workdir, tiny_config(), spec)
 
 
 def test_workdir_with_checkpoints_but_no_config(tmp_path):
     workdir = fake_workdir(tmp_path / "run", tiny_config())
     os.remove(os.path.join(workdir, config_lib.CONFIG_FILENAME))
     with raises(ValueError, "holds checkpoints but no config.json / model_inputs.json to check them against"):
-        loop._check_workdir(workdir, tiny_config(), INPUT_SPEC)
+        workdir_lib.check_workdir(workdir, tiny_config(), INPUT_SPEC)
 
 
 def test_workdir_with_an_unreadable_config(tmp_path):
@@ -497,11 +499,11 @@ def test_workdir_with_an_unreadable_config(tmp_path):
     with open(os.path.join(workdir, config_lib.CONFIG_FILENAME), "w") as f:
         f.write('{"model": ')
     with raises(ValueError, "its config.json / model_inputs.json cannot be read"):
-        loop._check_workdir(workdir, tiny_config(), INPUT_SPEC)
+        workdir_lib.check_workdir(workdir, tiny_config(), INPUT_SPEC)
 
 
 def test_workdir_that_is_a_file(tmp_path):
     path = tmp_path / "run"
     path.write_text("not a directory")
     with raises(ValueError, f"workdir {path} exists and is not a directory"):
-        loop._check_workdir(str(path), tiny_config(), INPUT_SPEC)
+        workdir_lib.check_workdir(str(path), tiny_config(), INPUT_SPEC)

@@ -3,7 +3,7 @@
     python -m mmjax.bench --config experiments/NAME.py[:PRESET] [--variant V] [--config.KEY=VALUE ...]
         [--steps 20] [--warmup 3] [--json PATH]
 
-It builds the experiment's model, data pipeline and jitted train step exactly as `loop.run` does, then runs
+It builds the experiment's model, data pipeline and jitted train step exactly as `loop.run` does (`setup`), then runs
 `--warmup` steps, then times `--steps` steps on one fixed batch and `--steps` more with the real input. It reports:
 
 - the median step time as training runs it (the next batch is read and sent to the devices while the current step
@@ -133,12 +133,14 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
     """Times the experiment's train step (see the module docstring); returns every figure as a dict."""
     from mmjax.bench.flops import model_flops
     from mmjax.data import pipeline
-    from mmjax.train import loop
+    from mmjax.train.memory import compiled_memory
+    from mmjax.train.setup import setup
+    from mmjax.train.state import count_parameters
 
     if steps < 1 or warmup < 1:
         raise ValueError(f"--steps {steps} and --warmup {warmup} must both be >= 1")
     counter = _CompileCounter()
-    s = loop.setup(config)
+    s = setup(config)
     state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
     batches = iter(pipeline.train_dataset(
         s.dataset, config.data.train_split, global_batch_size=config.data.batch_size, seed=config.seed,
@@ -187,7 +189,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
     peak = matmul_peak_flops(dtype)
     device = jax.local_devices()[0]
     device_stats = device.memory_stats() or {}
-    analysis = loop.compiled_memory(compiled)
+    analysis = compiled_memory(compiled)
     achieved = flops / step_s if flops else 0.0
     return {
         "experiment": config.get("name", ""),
@@ -196,7 +198,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
         "processes": jax.process_count(),
         "batch_size": config.data.batch_size,
         "compute_dtype": str(dtype),
-        "parameters": loop.count_parameters(s.abstract_state.params),
+        "parameters": count_parameters(s.abstract_state.params),
         "steps_timed": steps,
         "step_time_s": step_s,
         "step_time_min_s": min(totals),

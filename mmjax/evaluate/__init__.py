@@ -1,30 +1,12 @@
-"""Evaluation beyond the training loop's metrics: robustness to noisy/missing modalities and classical baselines.
+"""Evaluation of trained states, behind one interface (`base.Evaluator`, chosen by name from `config.eval`).
 
-Pure numpy/sklearn (matplotlib for plots); no JAX import.
+`outputs` runs the model over a split and gathers per-example outputs; the evaluators: `split_metrics` (the task's
+exact metrics and loss), `zero_shot` (classification by class prompts), `robustness` (noisy and missing
+modalities), `classical` (SVM / random-forest late fusion on encoder features); `features` extracts pooled
+encoder features for any further analysis.
 """
 
-from mmjax.evaluate.classical import classical_late_fusion, majority_vote, make_classifier
-from mmjax.evaluate.robustness import (
-    DEFAULT_NOISE_LEVELS,
-    add_noise,
-    area_under_curve,
-    drop_modality,
-    evaluate_robustness,
-    modality_scale,
-    plot_robustness,
-    robustness_table,
-)
+from mmjax.evaluate import classical, robustness, split_metrics, zero_shot  # noqa: F401  (register their evaluators)
+from mmjax.evaluate.base import EVALUATORS, Evaluator, build_evaluators, evaluate
 
-__all__ = [
-    "DEFAULT_NOISE_LEVELS",
-    "add_noise",
-    "area_under_curve",
-    "classical_late_fusion",
-    "drop_modality",
-    "evaluate_robustness",
-    "majority_vote",
-    "make_classifier",
-    "modality_scale",
-    "plot_robustness",
-    "robustness_table",
-]
+__all__ = ["EVALUATORS", "Evaluator", "build_evaluators", "evaluate"]

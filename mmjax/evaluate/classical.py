@@ -9,7 +9,8 @@ inputs give the same numbers.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import dataclasses
+from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 from sklearn.base import ClassifierMixin
@@ -19,7 +20,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from mmjax.metrics import classification_metrics
+from mmjax.evaluate.base import EVALUATORS, EvalContext, Evaluator
+from mmjax.evaluate.features import extract_features
+
+from mmjax.metrics.classification import classification_metrics
 
 CLASSIFIERS = ("svm", "random_forest")
 
@@ -184,3 +188,31 @@ def classical_late_fusion(
             "vote": _scores(test_labels, vote, num_classes),
         }
     return results
+
+
+@EVALUATORS.register("classical")
+@dataclasses.dataclass(frozen=True)
+class ClassicalBaselines(Evaluator):
+    """Classical late fusion on the trained model's own pooled encoder features: one classifier per modality
+    fitted on the training split, scored on `split`. Scalars `classical_<kind>_<average|vote>_accuracy`."""
+
+    classifiers: Sequence[str] = CLASSIFIERS
+    seed: int = 0
+
+    uses_outputs: ClassVar[bool] = False
+
+    @classmethod
+    def unsupported(cls, context: EvalContext) -> str | None:
+        if context.task.dataset_task != "classification":
+            return f"it fits classifiers, and task {type(context.task).__name__} has no class labels"
+        return None
+
+    def __call__(self, context: EvalContext, state: Any, split: str, outputs: Mapping[str, np.ndarray] | None,
+                 batches: Iterable | None = None) -> dict:
+        train_features, train_labels = extract_features(context, state, context.config.data.train_split)
+        test_features, test_labels = extract_features(context, state, split, batches)
+        result = classical_late_fusion(train_features, train_labels, test_features, test_labels, self.classifiers,
+                                       seed=self.seed, num_classes=context.task.num_classes)
+        summary = {f"classical_{kind}_{combine}_accuracy": result[kind][combine]["accuracy"]
+                   for kind in result for combine in ("average", "vote")}
+        return {**summary, "classical": result}

@@ -15,31 +15,32 @@ modality at a time is corrupted with increasing amounts of noise, and on copies 
   merely for being more accurate on clean data. (MultiBench's own effective robustness regresses each method's curve
   against the other methods'; this per-method version needs no population of methods.)
 
-Pure numpy (and matplotlib for the plot): `predict` may run any model, e.g. a jitted JAX function.
+`evaluate_robustness` is pure numpy (and matplotlib for the plot): `predict` may run any model. The `robustness`
+evaluator runs it with a trained classification model (`model_predictor`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import zlib
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from mmjax.metrics import classification_metrics
+from mmjax.data import pipeline
+from mmjax.data.pipeline import VALID_KEY, mask_key
+from mmjax.evaluate.base import EVALUATORS, EvalContext, Evaluator
+from mmjax.metrics.classification import classification_metrics
 
-# Mirrors `mmjax.data.pipeline.VALID_KEY` (1 = real example, 0 = padding); not imported so that this module needs no
-# JAX/Grain import.
-VALID_KEY = "_valid"
 LABEL_KEY = "label"
 DEFAULT_NOISE_LEVELS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 Batch = Mapping[str, np.ndarray]
-
-
-def mask_key(modality: str) -> str:
-    """The key of the `[B]` presence mask of `modality` (1 = present, 0 = missing)."""
-    return f"{modality}_mask"
 
 
 def _valid_rows(batch: Batch) -> np.ndarray:
@@ -336,3 +337,55 @@ def robustness_table(results_by_method: Mapping[str, Mapping]) -> str:
         cells += [fmt(results.get("missing", {}).get(m)) for m in modalities]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def model_predictor(context: EvalContext, state: Any) -> Callable[[Batch], np.ndarray]:
+    """Host batch -> this process's predicted class ids, through the trained model (masks in the batch honoured)."""
+
+    @functools.partial(jax.jit, out_shardings=context.batch_sharding)
+    def predict_fn(params, model_state, batch):
+        return jnp.argmax(context.model.apply({"params": params, **model_state}, batch, train=False), -1)
+
+    modalities = context.model.encoders
+
+    def predict(batch: Batch) -> np.ndarray:
+        keys = [k for k in batch if k in modalities or (k.endswith("_mask") and k[: -len("_mask")] in modalities)]
+        out = predict_fn(state.params, state.model_state,
+                         pipeline.to_global({k: batch[k] for k in keys}, context.batch_sharding))
+        rows = len(batch[LABEL_KEY])  # This process's rows of the global batch (contiguous, see pipeline).
+        gathered = np.asarray(multihost_utils.process_allgather(out, tiled=True))
+        return gathered[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+
+    return predict
+
+
+@EVALUATORS.register("robustness")
+@dataclasses.dataclass(frozen=True)
+class Robustness(Evaluator):
+    """MultiBench robustness of a classification model: accuracy under noise on each modality and with each one
+    missing. Scalars `robustness_<m>` (relative robustness) and `missing_<m>`; the curves under `robustness`."""
+
+    levels: Sequence[float] = DEFAULT_NOISE_LEVELS
+    seed: int = 0
+    metric: str = "accuracy"
+
+    uses_outputs: ClassVar[bool] = False
+
+    @classmethod
+    def unsupported(cls, context: EvalContext) -> str | None:
+        if context.task.dataset_task != "classification":
+            return f"it scores class predictions, and task {type(context.task).__name__} makes none"
+        return None
+
+    def __call__(self, context: EvalContext, state: Any, split: str, outputs: Mapping[str, np.ndarray] | None,
+                 batches: Iterable[Batch] | None = None) -> dict:
+        def make_batches():
+            if batches is not None:
+                return batches
+            return pipeline.eval_batches(context.dataset, split, global_batch_size=context.config.data.eval_batch_size)
+
+        curve = evaluate_robustness(model_predictor(context, state), make_batches, sorted(context.model.encoders),
+                                    levels=tuple(self.levels), seed=self.seed, metric=self.metric)
+        summary = {f"robustness_{m}": v for m, v in curve["relative_robustness"].items()}
+        summary.update({f"missing_{m}": v for m, v in curve["missing"].items()})
+        return {**summary, "robustness": curve}

@@ -1,13 +1,14 @@
-"""Types shared by encoders, fusion modules and heads."""
+"""Types and small helpers shared by layers, encoders, fusion modules, heads and models."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -26,6 +27,14 @@ def check_rank(name: str, x: jax.Array, rank: int, layout: str) -> None:
     """Raises (at trace time, before compilation) when `x` does not have the expected rank."""
     if x.ndim != rank:
         raise ValueError(f"{name} expects input of shape {layout} (rank {rank}), got shape {tuple(x.shape)}")
+
+
+def int_pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
+    """`(height, width)` from an int or a pair of positive ints (kernel sizes, strides, patch and image sizes)."""
+    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in pair):
+        raise ValueError(f"{what} must be a positive int or a (height, width) pair of them; got {value!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def to_dtype(x: jax.Array, dtype: Dtype | None) -> jax.Array:

@@ -52,6 +52,8 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 from jax import lax
 
+from mmjax.nn.common import int_pair
+
 IMPLS = ("auto", "xla", "cpu")
 """Valid values of ``impl``: ``'auto'`` (``'cpu'`` on the CPU backend, else ``'xla'``),
 ``'xla'`` (plain ``lax.conv_general_dilated``) and ``'cpu'`` (the CPU-tuned path)."""
@@ -119,7 +121,7 @@ def conv2d(
     _check_operands(x, kernel)
     dtype = jnp.promote_types(x.dtype, kernel.dtype)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    strides = _pair(strides, "strides")
+    strides = int_pair(strides, "strides")
     pads = explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides)
     if impl == "xla":
         return _xla_conv(x, kernel, strides, pads)
@@ -369,12 +371,6 @@ def _check_operands(x, kernel):
         )
 
 
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
-        raise ValueError(f"{name} must be a positive int or a pair of them; got {value!r}.")
-    return pair  # type: ignore[return-value]
-
 
 class Conv(nn.Module):
     """2-D convolution layer, parameter-compatible with ``flax.linen.Conv``.
@@ -410,7 +406,7 @@ class Conv(nn.Module):
             )
         batch_shape, image_shape = inputs.shape[:-3], inputs.shape[-3:]
         x = inputs.reshape((-1, *image_shape))
-        kernel_shape = (*_pair(self.kernel_size, "kernel_size"), image_shape[-1], self.features)
+        kernel_shape = (*int_pair(self.kernel_size, "kernel_size"), image_shape[-1], self.features)
         self._check_existing_kernel(kernel_shape, inputs.shape)
         kernel = self.param("kernel", self.kernel_init, kernel_shape, self.param_dtype)
         bias = None

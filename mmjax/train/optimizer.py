@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import jax
 import ml_collections
 import optax
 
+from mmjax.checks import check_number
+from mmjax.registry import closest, invalid_choice
+
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "constant")
+# Keys `build_optimizer` reads; any other key in config.optimizer would be silently ignored.
+OPTIMIZER_KEYS = ("name", "lr", "schedule", "warmup_steps", "end_lr_factor", "weight_decay", "b1", "b2",
+                  "momentum", "nesterov", "grad_clip_norm")
+
+
+def check_config(optimizer: Mapping[str, Any]) -> None:
+    """`config.optimizer` has only known keys, a known name and schedule, and values in range (errors name the key)."""
+    for key in sorted(optimizer):
+        if key not in OPTIMIZER_KEYS:
+            raise ValueError(
+                f"config optimizer.{key}: unknown key.{closest(key, OPTIMIZER_KEYS)} Valid: {', '.join(OPTIMIZER_KEYS)}"
+            )
+    if optimizer.get("name") not in OPTIMIZERS:
+        raise ValueError(invalid_choice("optimizer.name", optimizer.get("name"), OPTIMIZERS))
+    if "schedule" in optimizer and optimizer["schedule"] not in SCHEDULES:
+        raise ValueError(invalid_choice("optimizer.schedule", optimizer["schedule"], SCHEDULES))
+    check_number(optimizer, "optimizer.lr", low=0.0, low_open=True)
+    check_number(optimizer, "optimizer.warmup_steps", low=0, integer=True)
+    for key in ("end_lr_factor", "weight_decay", "grad_clip_norm"):
+        check_number(optimizer, f"optimizer.{key}", low=0.0)
+    for key in ("b1", "b2", "momentum"):
+        check_number(optimizer, f"optimizer.{key}", low=0.0, high=1.0)
+    if "nesterov" in optimizer and not isinstance(optimizer["nesterov"], bool):
+        raise ValueError(f"config optimizer.nesterov={optimizer['nesterov']!r} must be a bool (True/False)")
 
 
 def weight_decay_mask(params):

@@ -102,6 +102,15 @@ def check_fsdp(fsdp: Any, device_count: int | None = None, key: str = "mesh.fsdp
         raise ValueError(f"config {key}={fsdp} must divide the device count {devices}; valid: {divisors}")
 
 
+def check_config(mesh_config: Any) -> None:
+    """`config.mesh`: `fsdp` divides the device count, `fsdp_min_size` is a non-negative number of elements."""
+    mesh_config = mesh_config or {}
+    check_fsdp(mesh_config.get("fsdp", 1), key="mesh.fsdp")
+    min_size = mesh_config.get("fsdp_min_size", DEFAULT_FSDP_MIN_SIZE)
+    if isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 0:
+        raise ValueError(f"config mesh.fsdp_min_size={min_size!r} must be a non-negative integer (elements)")
+
+
 def make_mesh(fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The `(data, fsdp)` mesh of shape `(D / fsdp, fsdp)` over `devices` (default: all devices of all processes)."""
     devices = np.asarray(jax.devices() if devices is None else list(devices))

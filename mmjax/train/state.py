@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.struct
@@ -27,3 +28,8 @@ class TrainState:
 
 def step_rng(state: TrainState) -> jax.Array:
     return jax.random.fold_in(state.rng, state.step)
+
+
+def count_parameters(params: Any) -> int:
+    """Number of scalar parameters in a (possibly abstract) parameter tree."""
+    return sum(int(math.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))

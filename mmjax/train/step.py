@@ -1,7 +1,7 @@
-"""Pure train and eval steps: `(state, batch) -> (state, metrics)` and `(params, model_state, batch) -> outputs`.
+"""The pure train step: `(state, batch) -> (state, metrics)`, and the train state's initialisation.
 
-They know nothing of devices (bar an optional batch sharding that pins the micro-batch layout); `loop.py`
-compiles them with `jax.jit` over the mesh. The loss and metrics come from the task (`mmjax.tasks`). Parameters
+It knows nothing of devices (bar an optional batch sharding that pins the micro-batch layout); `setup.py`
+compiles it with `jax.jit` over the mesh. The loss and metrics come from the task (`mmjax.tasks`). Parameters
 matching `frozen` patterns (LiT-style locked towers) get no gradient and no optimizer state: the gradient is
 taken with respect to the trainable subset only. Gradient accumulation (`grad_accum_steps`) splits the batch
 into micro-batches inside the step. With `nonfinite="skip"`, a step whose loss or gradient is NaN/Inf leaves the
@@ -21,7 +21,8 @@ import optax
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mmjax.data.pipeline import VALID_KEY
+from mmjax.checks import check_strings
+from mmjax.tasks.base import Task
 from mmjax.train.state import TrainState, step_rng
 
 
@@ -43,6 +44,19 @@ def merge_params(trainable: dict, frozen: dict) -> dict:
         return trainable
     flat = {**traverse_util.flatten_dict(trainable, sep="/"), **traverse_util.flatten_dict(frozen, sep="/")}
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def check_frozen_patterns(frozen: Any) -> tuple[str, ...]:
+    """`train.frozen` is a tuple of valid regular expressions (checked before any parameter exists)."""
+    patterns = check_strings(frozen, "train.frozen", "('encoders_text',)")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(
+                f"config train.frozen pattern {pattern!r} is not a valid regular expression: {e}"
+            ) from None
+    return patterns
 
 
 def check_frozen(params: Any, frozen: Sequence[str]) -> None:
@@ -93,22 +107,12 @@ def _forward_backward(trainable, locked, model_state, batch, rng, *, model, task
     return loss, outputs, dict(new_model_state), grads
 
 
-def per_example_loss(task) -> bool:
-    """Whether `task.loss(...)[i]` depends on example i alone, so that micro-batches accumulate to the exact
-    big-batch gradient. A task (class or instance) may say so with a `per_example_loss` attribute; contrastive
-    tasks (in-batch negatives: CLIP, SigLIP) are taken as coupled, the others as per-example."""
-    explicit = getattr(task, "per_example_loss", None)
-    if explicit is not None:
-        return bool(explicit)
-    return getattr(task, "dataset_task", None) != "contrastive"
-
-
 def split_micro_batches(batch: Mapping[str, jax.Array], k: int, sharding: NamedSharding | None = None) -> dict:
     """`[B, ...]` -> `[k, B / k, ...]` where micro-batch j holds examples j, j + k, j + 2k, ... (a strided split).
 
     Why strided, not contiguous blocks: device d holds rows `[d * B / D, (d + 1) * B / D)` of the batch. The
     reshape to `[B / k, k, ...]` keeps those rows on device d as `B / (k * D)` whole groups of k (B is a multiple
-    of k * D, see `loop.validate`), and taking `[:, j]` picks `B / (k * D)` rows from every device. So each
+    of k * D, see `setup.validate`), and taking `[:, j]` picks `B / (k * D)` rows from every device. So each
     micro-batch is spread evenly over all devices and the split moves no data; a contiguous block j would live
     on D / k devices only. `sharding` (the batch's) pins the layout, `[k, B / k]` split on axis 1 like the batch.
     """
@@ -131,7 +135,7 @@ def train_step(
     *,
     model: nn.Module,
     tx: optax.GradientTransformation,
-    task,
+    task: Task,
     frozen: Sequence[str] = (),
     grad_accum_steps: int = 1,
     batch_sharding: NamedSharding | None = None,
@@ -145,7 +149,7 @@ def train_step(
     of the whole batch (up to float rounding), at 1/k of the activation memory. Differences from one big batch:
     batch-norm statistics are updated micro-batch by micro-batch (as in PyTorch or big_vision accumulation, and
     normalisation uses micro-batch statistics), and micro-batch j draws dropout from `fold_in(step rng, j)`.
-    Only per-example losses accumulate exactly (see `per_example_loss`). XLA reduces each micro-batch's
+    Only per-example losses accumulate exactly (`Task.per_example_loss`). XLA reduces each micro-batch's
     gradient over the devices inside the loop, so gradient communication grows with k.
 
     `nonfinite="skip"`: when the loss or the gradient norm is NaN/Inf, the new parameters, optimizer state and model
@@ -197,14 +201,3 @@ def train_step(
         metrics["nonfinite_skipped"] = jnp.logical_not(finite).astype(jnp.int32)
     new_state = state.replace(step=state.step + 1, params=params, model_state=model_state, opt_state=opt_state)
     return new_state, metrics
-
-
-def eval_step(params, model_state, batch: Mapping[str, jax.Array], *, model: nn.Module, task) -> dict[str, jax.Array]:
-    """Per-example outputs (the task's predictions, label, validity, loss), gathered on the host for exact metrics."""
-    outputs = model.apply({"params": params, **model_state}, batch, train=False)
-    return {
-        **task.eval_outputs(outputs),
-        "label": batch["label"],
-        "valid": batch[VALID_KEY],
-        "loss": task.loss(outputs, batch["label"]),
-    }

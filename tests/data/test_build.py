@@ -13,6 +13,7 @@ from experiments import av_digits
 from mmjax import config as config_lib
 from mmjax.data import build, pipeline
 from mmjax.data.datasets import get_dataset
+from mmjax.train import setup as setup_lib
 from tests.conftest import tiny_overrides
 
 CLASSES = "class_0,class_1,class_2"
@@ -272,7 +273,7 @@ def test_a_built_dataset_trains_with_an_experiment_config(built_dir):
     })
     config.data = data
     config.model.num_classes = 3
-    s = loop.setup(config)
+    s = setup_lib.setup(config)
     assert s.spec["image"] == ((8, 8, 3), "float32") and s.spec["audio"] == ((42, 16), "float32")
     state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(0))
     batches = iter(pipeline.train_dataset(s.dataset, "train", global_batch_size=16, seed=0))
@@ -284,5 +285,5 @@ def test_a_built_dataset_trains_with_an_experiment_config(built_dir):
         state, metrics = step_fn(state, pipeline.to_global({k: host[k] for k in s.keys}, s.batch_sharding))
         losses.append(float(metrics["loss"]))
     assert all(np.isfinite(losses)) and int(state.step) == 3
-    test = s.evaluate(s.eval_fn(), state, "test")
+    test = s.evaluate(state, "test")
     assert test["num_examples"] == 5 and 0.0 <= test["accuracy"] <= 1.0

@@ -29,6 +29,7 @@ from tensorflow_datasets.core import splits as splits_lib
 from mmjax.data import catalog, pipeline
 from mmjax.data.datasets import get_dataset
 from mmjax.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from mmjax.train import setup as setup_lib
 
 N = 20  # Mock examples per split (mock_data serves the same number for every split).
 SPEAKERS = ("jackson", "theo")
@@ -519,9 +520,9 @@ def test_image_text_evaluators_run_on_the_coco_captions_recipe(mocked, tokenizer
                                       .get_vocab_size(), max_len=MAX_LEN, width=16, depth=1, num_heads=2, mlp_dim=32)
     config.eval.splits = ("val",)
     config.checkpoint.best_metric = "val/i2t_recall@1"  # A split that is evaluated (loop.validate checks it).
-    s = loop.setup(config)
+    s = setup_lib.setup(config)
     state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(0))
-    metrics = s.evaluate(s.eval_fn(), state, "val")
+    metrics = s.evaluate(state, "val")
     assert metrics["num_examples"] == COCO_SPLITS["val"]
     for key in ("i2t_recall@1", "i2t_recall@10", "t2i_recall@5", "i2t_median_rank", "t2i_mean_rank", "loss"):
         assert np.isfinite(metrics[key]), key

@@ -13,9 +13,11 @@ from experiments import av_digits
 from mmjax import config as config_lib
 from mmjax.data import pipeline
 from mmjax.data.datasets import Dataset
-from mmjax.nn.model import build_model
+from mmjax.nn.builder import build_model
 from mmjax.registry import DATASETS
 from mmjax.train import loop
+from mmjax.train import setup as setup_lib
+from mmjax.train import workdir as workdir_lib
 from tests.conftest import tiny_overrides
 
 IMAGE, AUDIO = (8, 8, 1), (12, 8)
@@ -135,12 +137,12 @@ def test_training_run_with_missing_modalities(tmp_path, monkeypatch):
     })
     config = config_lib.apply_overrides(av_digits.get_config(), overrides)
     config.data.eval_batch_size = 16
-    s = loop.setup(config)
+    s = setup_lib.setup(config)
     assert s.keys == ["audio", "image", "audio_mask", "image_mask", "label"]
     assert {"audio_mask", "image_mask"} <= set(s.eval_keys)
     workdir = str(tmp_path / "run")
     results = loop.run(config, workdir)
     assert results["splits"]["test"]["num_examples"] == 21
     assert np.isfinite(results["splits"]["validation"]["loss"])
-    with open(os.path.join(workdir, loop.INPUTS_FILENAME)) as f:
+    with open(os.path.join(workdir, workdir_lib.INPUTS_FILENAME)) as f:
         assert json.load(f)["audio_mask"] == [[], "float32"]

@@ -310,7 +310,7 @@ def test_bfloat16_compute_keeps_float32_params(name):
 
 
 def test_fusion_fields_come_from_the_model_config():
-    from mmjax.nn.model import build_model
+    from mmjax.nn.builder import build_model
 
     config = ml_collections.ConfigDict(
         dict(

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mmjax.nn.encoders import image
-from mmjax.nn.model import _build
+from mmjax.nn.builder import build_module
 from mmjax.registry import ENCODERS
 
 B, H, W, C = 4, 16, 16, 3
@@ -59,7 +59,7 @@ def _variables(case):
 
 def _build_encoder(name, **fields):
     """As the model builder does from `model.encoders.<modality>`."""
-    return _build(ENCODERS, ml_collections.ConfigDict(dict(name=name, **fields)), "model.encoders.image")()
+    return build_module(ENCODERS, ml_collections.ConfigDict(dict(name=name, **fields)), "model.encoders.image")()
 
 
 def _shapes(model, x):

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mmjax.nn.model import build_model
+from mmjax.nn.builder import build_model
 
 
 def model_config(fusion="concat"):

@@ -14,7 +14,7 @@ from scipy.special import erf
 
 from mmjax.data.tokenizer import encode_batch
 from mmjax.nn import pretrained
-from mmjax.nn.model import build_model
+from mmjax.nn.builder import build_model
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "minilm_reference.npz")
 D, H, MLP, DEPTH = 12, 3, 20, 2  # Tiny sizes shared by the BERT and ViT checkpoints.

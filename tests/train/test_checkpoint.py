@@ -45,7 +45,7 @@ MIN_SIZE = 64
 
 def abstract_state(mesh):
     """Shapes of a small model's Adam train state, with the FSDP shardings of `mesh` (state_shardings)."""
-    from mmjax.nn.model import build_model
+    from mmjax.nn.builder import build_model
     from tests.train.test_step import batch, model_config
 
     init = functools.partial(init_state, build_model(model_config()), optax.adam(1e-3), batch(1))

@@ -29,6 +29,7 @@ from experiments import av_digits
 from mmjax import config as config_lib
 from mmjax.data import pipeline
 from mmjax.train import loop
+from mmjax.train import setup as setup_lib
 from tests.conftest import REPO_ROOT, tiny_overrides
 
 NUM_STEPS = 6  # As tiny_overrides.
@@ -49,7 +50,7 @@ def prepare(data_dir):
     """What `loop.run` builds before its first step: the setup, the initial state, the compiled train step and the
     first NUM_STEPS global batches."""
     config = tiny_config(data_dir)
-    s = loop.setup(config)
+    s = setup_lib.setup(config)
     state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
     stream = iter(pipeline.train_dataset(s.dataset, config.data.train_split, global_batch_size=config.data.batch_size,
                                          seed=config.seed, num_threads=1))

@@ -49,7 +49,7 @@ def synthetic_batches(spec, n, batch_size=16):
 
 def train(config):
     """Initialises as `loop.run` does and takes NUM_STEPS steps; returns (setup, initial state, losses, final)."""
-    s = loop.setup(config)
+    s = setup_lib.setup(config)
     initial = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
     step = s.train_step_fn()
     state = jax.tree_util.tree_map(lambda x: x.copy(), initial)  # The step donates its input.
@@ -132,14 +132,14 @@ def test_batch_rows_per_device_do_not_depend_on_fsdp():
 def test_bad_fsdp_config_is_refused(override, message):
     config = config_lib.apply_overrides(av_digits.get_config(), tiny_overrides("/nonexistent", **override))
     with pytest.raises(ValueError, match=message):
-        loop.validate(config)
+        setup_lib.validate(config)
 
 
 def test_configs_without_a_mesh_group_still_work():
     config = config_lib.apply_overrides(av_digits.get_config(), tiny_overrides("/nonexistent"))
     del config["mesh"]
     del config.train["grad_accum_steps"]
-    loop.validate(config)
+    setup_lib.validate(config)
     with pytest.raises(ValueError, match="mesh.fsdp=5 must divide the device count 8"):
         parallel.make_mesh(5)
 
@@ -147,9 +147,9 @@ def test_configs_without_a_mesh_group_still_work():
 LOAD_SCRIPT = """
 import json, sys
 import jax, numpy as np
-from mmjax.train import loop
+from mmjax.train import workdir as workdir_lib
 assert jax.device_count() == 3, jax.devices()
-s, state = loop.load_trained(sys.argv[1])
+s, state = workdir_lib.load_trained(sys.argv[1])
 np.savez(sys.argv[2], **{jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state)})
 print(json.dumps({"mesh": dict(s.mesh.shape), "eval_batch_size": s.config.data.eval_batch_size}))
 """
@@ -161,14 +161,14 @@ def test_load_trained_on_another_device_count(av_digits_dir, tmp_path):
     config = fsdp_config(av_digits_dir, fsdp=4)
     workdir = str(tmp_path)
     config_lib.save(config, workdir)
-    s = loop.setup(config)
+    s = setup_lib.setup(config)
     state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(1))
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1, best_metric=None)
     checkpointer.save(7, state, iter(grain.MapDataset.range(10).to_iter_dataset()))
     checkpointer.close()
     expected = {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(state)}
 
-    same, restored = loop.load_trained(workdir)
+    same, restored = workdir_lib.load_trained(workdir)
     assert_sharded_as_intended(restored, 4)
     for path, leaf in jax.tree_util.tree_leaves_with_path(restored):
         np.testing.assert_array_equal(np.asarray(leaf), expected[jax.tree_util.keystr(path)])

@@ -10,10 +10,11 @@ import pytest
 
 from experiments import av_digits
 from mmjax import config as config_lib
-from mmjax.nn.model import build_model
+from mmjax.nn.builder import build_model
 from mmjax.tasks import build_task
 from mmjax.train import loop, parallel
 from mmjax.train.step import init_state, split_micro_batches, train_step
+from mmjax.train import setup as setup_lib
 from tests.conftest import tiny_overrides
 from tests.train.test_step import batch, model_config
 
@@ -119,4 +120,4 @@ def test_batch_norm_statistics_are_threaded_through_the_micro_batches():
 def test_bad_accumulation_config_is_refused(override, message):
     config = config_lib.apply_overrides(av_digits.get_config(), tiny_overrides("/nonexistent", **override))
     with pytest.raises(ValueError, match=message):
-        loop.validate(config)
+        setup_lib.validate(config)

@@ -11,6 +11,7 @@ import pytest
 from experiments import av_digits
 from mmjax import config as config_lib
 from mmjax.train import loop
+from mmjax.train import preemption
 from tests.conftest import tiny_overrides
 
 
@@ -84,7 +85,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(uninterrupted, av_digits_d
         return calls["n"] == 3
 
     with monkeypatch.context() as patch:
-        patch.setattr(loop._StopRequest, "requested", stop_after_three_steps)
+        patch.setattr(preemption.StopRequest, "requested", stop_after_three_steps)
         stopped = loop.run(tiny_config(av_digits_dir), workdir)
     assert stopped == {"preempted": True, "step": 3}
     resumed = loop.run(tiny_config(av_digits_dir), workdir)

@@ -14,6 +14,7 @@ import pytest
 
 from mmjax import config as config_lib
 from mmjax.train import loop
+from mmjax.train import preemption
 from tests.conftest import REPO_ROOT, tiny_overrides
 from tests.train.test_loop import tiny_config
 
@@ -119,7 +120,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(av_digits_dir, tmp_path):
     assert proc.poll() is None, proc.communicate()[0][-3000:]
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == loop.PREEMPTED_EXIT_CODE, output[-3000:]
+    assert proc.returncode == preemption.PREEMPTED_EXIT_CODE, output[-3000:]
     assert "received SIGTERM" in output
     steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "early", "checkpoints")) if n.isdigit())
     last_logged = records(os.path.join(workdir, "early"), "train")[-1]["step"]

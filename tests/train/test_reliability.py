@@ -28,7 +28,9 @@ import pytest
 from experiments import av_digits
 from mmjax import cli
 from mmjax import config as config_lib
-from mmjax.train import checkpoint, kill_test, loop, parallel, reliability
+from mmjax.train import checkpoint, kill_harness, loop, parallel, reliability
+from mmjax.train import setup as setup_lib
+from mmjax.train import preemption
 from tests.conftest import REPO_ROOT, tiny_overrides
 
 NUM_STEPS = 6  # tiny_overrides: checkpoints at steps 2, 3, 4, 6 (every 2 steps and at each evaluation: 3, 6).
@@ -75,7 +77,7 @@ def assert_identical(a, b):
 
 def records(workdir):
     """metrics.jsonl without the timing fields."""
-    from mmjax.train.kill_test import TIMING_KEYS
+    from mmjax.train.kill_harness import TIMING_KEYS
 
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f]
@@ -203,7 +205,7 @@ def test_checkpoint_without_fingerprint_restores_with_a_note(reference, av_digit
 def signal_at_step(monkeypatch, step, *signals):
     """Sends `signals` to this process as step `step` starts (a real signal, real handler). Hooked on the train
     step itself: batches are read ahead by the prefetch thread, so reading batch k is not step k."""
-    train_step_fn = loop.Setup.train_step_fn
+    train_step_fn = setup_lib.Setup.train_step_fn
 
     def signalling_train_step_fn(self):
         step_fn, calls = train_step_fn(self), {"n": 0}
@@ -218,7 +220,7 @@ def signal_at_step(monkeypatch, step, *signals):
         step_and_signal.lower = step_fn.lower  # The loop's memory analysis lowers the jitted step.
         return step_and_signal
 
-    monkeypatch.setattr(loop.Setup, "train_step_fn", signalling_train_step_fn)
+    monkeypatch.setattr(setup_lib.Setup, "train_step_fn", signalling_train_step_fn)
 
 
 def test_sigint_finishes_the_step_saves_and_logs(av_digits_dir, tmp_path, monkeypatch, capsys):
@@ -252,7 +254,7 @@ def test_signal_in_start_up_stops_before_training_and_one_after_the_last_step_ca
     when no step is left (here: a finished run restarted) lets it finish and stops the next run of the process
     (e.g. the next variant of a comparison) before it trains."""
     reference_dir, reference_results = reference
-    real_setup = loop.setup
+    real_setup = setup_lib.setup
 
     def setup_and_signal(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -271,8 +273,8 @@ def test_signal_in_start_up_stops_before_training_and_one_after_the_last_step_ca
         assert loop.run(variant_config(av_digits_dir), fresh) == {"preempted": True, "step": 0}
         assert "because of a SIGTERM" in capsys.readouterr().out
     finally:
-        loop._StopRequest.carried_over = None
-    assert loop._StopRequest.carried_over is None
+        preemption.StopRequest.carried_over = None
+    assert preemption.StopRequest.carried_over is None
 
 
 class LineReader:
@@ -323,7 +325,7 @@ def test_time_limit_and_sigterm_stop_with_a_checkpoint_and_resume_exactly(av_dig
     first = subprocess.run(experiment_command(workdir, av_digits_dir, f"--time_limit_s={limit}", **overrides),
                            env=cpu_env(8), cwd=REPO_ROOT, capture_output=True, text=True, timeout=limit + 120)
     elapsed = time.monotonic() - started
-    assert first.returncode == loop.PREEMPTED_EXIT_CODE, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.returncode == preemption.PREEMPTED_EXIT_CODE, first.stdout[-3000:] + first.stderr[-3000:]
     k1 = int(re.search(r"stopped at step (\d+) after the time limit; checkpoint saved", first.stdout).group(1))
     assert k1 >= 1, first.stdout[-3000:]
     assert elapsed < limit + 5  # Saved and exited in time (the interpreter's own exit is the 5 s).
@@ -339,7 +341,7 @@ def test_time_limit_and_sigterm_stop_with_a_checkpoint_and_resume_exactly(av_dig
         output = reader.rest(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == loop.PREEMPTED_EXIT_CODE, output[-3000:]
+    assert proc.returncode == preemption.PREEMPTED_EXIT_CODE, output[-3000:]
     assert "received SIGTERM: finishing this step and saving a checkpoint" in output
     k2 = int(re.search(r"stopped at step (\d+) after a SIGTERM; checkpoint saved", output).group(1))
     assert k2 >= k1 + 3 and committed(run_dir)[-1] == k2 and records(run_dir)[-1]["step"] == k2
@@ -438,7 +440,7 @@ def test_disk_full_while_saving_names_the_directory_and_keeps_previous_checkpoin
     assert f"could not write checkpoint step 4 to {os.path.join(workdir, 'checkpoints')}: No space left on device" in message
     assert "The disk is full. The previous checkpoints are intact (steps [2, 3])" in message
     assert committed(workdir) == [2, 3]
-    s = loop.setup(variant_config(av_digits_dir))  # They restore, match their fingerprints and the reference's.
+    s = setup_lib.setup(variant_config(av_digits_dir))  # They restore, match their fingerprints and the reference's.
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=5, best_metric=None)
     try:
         for step in (2, 3):
@@ -452,9 +454,9 @@ def test_disk_full_while_saving_names_the_directory_and_keeps_previous_checkpoin
 
 @pytest.mark.slow
 def test_ten_kills_anywhere_lose_nothing_and_end_bit_identical(av_digits_dir, tmp_path, capsys):
-    """`python -m mmjax.train.kill_test`: 10 SIGKILLs (the first during the first checkpoint write), a restart
+    """`python -m mmjax.train.kill_harness`: 10 SIGKILLs (the first during the first checkpoint write), a restart
     after each; the harness raises on any difference from the uninterrupted run or any lost checkpoint."""
-    result = kill_test.main(["--kills", "10", "--workdir", str(tmp_path / "kill"), "--data_dir", av_digits_dir])
+    result = kill_harness.main(["--kills", "10", "--workdir", str(tmp_path / "kill"), "--data_dir", av_digits_dir])
     print(capsys.readouterr().out)  # The figures, in the test log.
     assert result["kills_survived"] == 10 and result["restarts"] == 10
     assert result["kills_by_aim"]["first checkpoint write"] == 1

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from mmjax.nn.model import build_model
+from mmjax.nn.builder import build_model
 from mmjax.tasks import build_task
 from mmjax.train.step import check_frozen, init_state, split_params, train_step
 

@@ -24,19 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
-from mmjax.nn.common import Dtype, EncoderOutput, check_rank, to_dtype
+from mmjax.nn.common import Dtype, EncoderOutput, check_rank, int_pair, to_dtype
 from mmjax.nn.conv import Conv
 from mmjax.nn.layers import ConvReluPool
 from mmjax.nn.transformer import LAYER_NORM_EPS, Transformer, maybe_remat, remat_policy
 from mmjax.registry import ENCODERS
 
-
-def _pair(value: int | Sequence[int], what: str) -> tuple[int, int]:
-    """`(height, width)` from an int or a pair of positive ints."""
-    pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in pair):
-        raise ValueError(f"{what} must be a positive int or a (height, width) pair of them; got {value!r}")
-    return int(pair[0]), int(pair[1])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -148,9 +141,9 @@ class ViT(nn.Module):
             raise ValueError(f"{name}: pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.width % self.num_heads:
             raise ValueError(f"{name}: width={self.width} is not divisible by num_heads={self.num_heads}")
-        ph, pw = _pair(self.patch_size, f"{name}: patch_size")
+        ph, pw = int_pair(self.patch_size, f"{name}: patch_size")
         height, width = x.shape[1:3]
-        if self.image_size is not None and _pair(self.image_size, f"{name}: image_size") != (height, width):
+        if self.image_size is not None and int_pair(self.image_size, f"{name}: image_size") != (height, width):
             raise ValueError(
                 f"{name}: configured image_size={self.image_size!r} but got images of shape {tuple(x.shape)} "
                 f"([B, H, W, C] with H x W = {height} x {width})"
@@ -166,7 +159,7 @@ class ViT(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> EncoderOutput:
         name = type(self).__name__
         grid_h, grid_w = self._check(name, x)
-        ph, pw = _pair(self.patch_size, "patch_size")
+        ph, pw = int_pair(self.patch_size, "patch_size")
         x = to_dtype(x, self.dtype)
         patches = rearrange(x, "b (gh ph) (gw pw) c -> b (gh gw) (ph pw c)", ph=ph, pw=pw)
         x = nn.Dense(self.width, dtype=self.dtype, name="patch_embed")(patches)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mmjax.evaluate import contrastive as ev
+from mmjax.metrics import retrieval as ev
 
 
 def _unit(x):

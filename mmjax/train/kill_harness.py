@@ -1,7 +1,7 @@
 """Kill-anywhere test: SIGKILL a real training run at random moments, restart it each time, and check that it ends
 bit-identical to an uninterrupted run and that no kill ever lost a committed checkpoint.
 
-    python -m mmjax.train.kill_test --kills 10 --workdir /tmp/kill_test [--data_dir DIR] [--seed 0]
+    python -m mmjax.train.kill_harness --kills 10 --workdir /tmp/kill_harness [--data_dir DIR] [--seed 0]
 
 It trains a tiny AV-Digits model (`TINY_OVERRIDES`: a few thousand parameters, a checkpoint every 2 steps, an
 evaluation every 8) as `python -m experiments.av_digits` subprocesses on CPU, each with its own fresh JAX:
@@ -18,7 +18,7 @@ Checked at the end: every kept step of both runs matches its fingerprint; the fi
 optimizer state, RNG, step), the evaluation results (`results.json`) and the train/eval metric records
 (`metrics.jsonl`, bar the timing fields `examples_per_s` and `input_wait_fraction`) equal the reference's exactly.
 
-Printed figures (also in `WORKDIR/kill_test.json`): kills survived (and where they hit), restarts, checkpoints
+Printed figures (also in `WORKDIR/kill_harness.json`): kills survived (and where they hit), restarts, checkpoints
 verified, steps redone (work lost to kills and recomputed) and bytes lost (bytes of committed checkpoints that a
 restart could not use: must be 0). Exit status 0 when everything held, 1 otherwise.
 
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.path.join(reference, "checkpoints"))
     result = figures(attempts, verified, compare(reference, killed, steps), steps)
     result["seconds"] = round(time.monotonic() - started, 1)
-    with open(os.path.join(harness.root, "kill_test.json"), "w") as f:
+    with open(os.path.join(harness.root, "kill_harness.json"), "w") as f:
         json.dump(result, f, indent=2)
     aims = ", ".join(f"{n} aimed at {k}" for k, n in result["kills_by_aim"].items() if n)
     print(

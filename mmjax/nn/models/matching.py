@@ -4,9 +4,9 @@ and BLIP (Li et al. 2022).
 
 `MatchingModel` has two parts that share the encoders:
 
-* a dual encoder, as `mmjax.nn.contrastive.TwoTower`: each tower (`image`, `text`: any registered encoders) is
+* a dual encoder, as `mmjax.nn.models.two_tower.TwoTower`: each tower (`image`, `text`: any registered encoders) is
   followed by a bias-free projection to `embed_dim` (`proj_image`, `proj_text`) and L2 normalisation, with a
-  learned log-temperature `logit_scale` (for the ITC / CLIP loss of `mmjax.matching`);
+  learned log-temperature `logit_scale` (for the ITC / CLIP loss of the `itm` task, `mmjax.tasks.itm`);
 * a cross-encoder fusion head (`ITMHead`, `itm_head`): the text tokens projected to `fusion_dim` attend to the
   image tokens projected to `fusion_dim` (the image's pooled summary first, then its tokens, LayerNormed) through
   `num_layers` x (a self-attention block over the text, then a cross-attention block to the image), pre-LN
@@ -50,10 +50,9 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.nn.common import Dtype, EncoderOutput
-from mmjax.nn.contrastive import CLIP_LOGIT_SCALE_INIT, FEATURE_RANKS, l2_normalize
+from mmjax.nn.models.two_tower import CLIP_LOGIT_SCALE_INIT, FEATURE_RANKS, MAX_LOGIT_SCALE, l2_normalize
 from mmjax.nn.transformer import LAYER_NORM_EPS, TransformerBlock, attention_mask, masked_mean
 
-MAX_LOGIT_SCALE = math.log(100.0)  # As CLIP's loss: the mining temperature is clamped like the loss's.
 POOLS = ("cls", "mean")
 TOWERS = ("image", "text")
 # `config.model.matching` fields (`MatchingModel` fields besides the encoders and the dtype).

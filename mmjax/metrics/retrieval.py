@@ -1,11 +1,12 @@
-"""Evaluators for dual encoders, on unit embeddings gathered over a whole split (numpy, exact).
+"""Metrics of dual encoders and matching heads, on unit embeddings or scores gathered over a whole split (numpy).
 
 - `retrieval_metrics`: image->text and text->image recall@1/5/10, mean and median rank, with K captions per image
   (an image is retrieved correctly by any of its captions; each caption has one correct image);
 - `zero_shot_metrics`: a classifier from class prompts (the mean of each class's unit prompt embeddings,
   renormalised, as CLIP does), top-1 / top-5 accuracy;
 - `binding_metrics`: Winoground/ARO-style attribute binding: how often a true caption scores above a hard negative
-  that differs from it by one swapped attribute or relation (chance: 0.5).
+  that differs from it by one swapped attribute or relation (chance: 0.5);
+- `itm_classification_metrics`: image-text matching accuracy of ITM logits at 0.
 
 Ranks are 1-based and count only strictly better candidates, so ties are resolved in the model's favour.
 """
@@ -101,4 +102,23 @@ def embedding_metrics(eval_outputs, towers: Sequence[str] = ("image", "text")) -
     result = {"num_examples": int(len(x)), **retrieval_metrics(x, y, names=towers)}
     if "negatives_embedding" in eval_outputs:
         result.update(binding_metrics(x, y, np.asarray(eval_outputs["negatives_embedding"])))
+    return result
+
+
+def _as_columns(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, np.float32)
+    return a[:, None] if a.ndim == 1 else a.reshape(a.shape[0], -1)
+
+
+def itm_classification_metrics(true: np.ndarray, false: np.ndarray | None = None) -> dict[str, float]:
+    """ITM accuracy at logit 0: true captions should score > 0 and hard negatives < 0 (equal to 0 counts as
+    wrong). `itm_accuracy` is over every pair (K true + M negatives per example); `itm_true_accuracy` and
+    `itm_negative_accuracy` over each kind."""
+    true = _as_columns(true)
+    correct = [(true > 0).reshape(-1)]
+    result = {"itm_true_accuracy": float(correct[0].mean())}
+    if false is not None:
+        correct.append((_as_columns(false) < 0).reshape(-1))
+        result["itm_negative_accuracy"] = float(correct[1].mean())
+    result["itm_accuracy"] = float(np.concatenate(correct).mean())
     return result

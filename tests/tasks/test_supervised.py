@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from mmjax.tasks import MultiLabel, Regression, build_task
+from mmjax.tasks import build_task
+from mmjax.tasks.supervised import MultiLabel, Regression
 
 
 def test_build_task_defaults_to_classification_and_rejects_unknown_names_and_options():

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmjax import contrastive
-from mmjax.nn.contrastive import SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT, TwoTower
-from mmjax.nn.model import build_model
+from mmjax.tasks import losses
+from mmjax.nn.models.two_tower import SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT, TwoTower
+from mmjax.nn.builder import build_model
 from mmjax.tasks import build_task
 
 B, D = 16, 8
@@ -32,16 +32,16 @@ def test_clip_loss_is_the_symmetric_cross_entropy():
     x, y = _unit(rng, (B, D)), _unit(rng, (B, D))
     logits = 5.0 * x @ y.T
     expected = -0.5 * (np.diag(_log_softmax(logits, 1)) + np.diag(_log_softmax(logits, 0)))
-    got = contrastive.clip_loss(jnp.asarray(x), jnp.asarray(y), jnp.log(5.0))
+    got = losses.clip_loss(jnp.asarray(x), jnp.asarray(y), jnp.log(5.0))
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     # The temperature is clamped at 100.
-    clamped = contrastive.clip_loss(jnp.asarray(x), jnp.asarray(y), jnp.log(1000.0))
-    np.testing.assert_allclose(clamped, contrastive.clip_loss(jnp.asarray(x), jnp.asarray(y), jnp.log(100.0)))
+    clamped = losses.clip_loss(jnp.asarray(x), jnp.asarray(y), jnp.log(1000.0))
+    np.testing.assert_allclose(clamped, losses.clip_loss(jnp.asarray(x), jnp.asarray(y), jnp.log(100.0)))
     # Label smoothing: targets (1 - a) on the diagonal + a / B everywhere.
     a = 0.1
     targets = (1 - a) * np.eye(B) + a / B
     smoothed = -0.5 * ((targets * _log_softmax(logits, 1)).sum(1) + (targets * _log_softmax(logits, 0)).sum(0))
-    got = contrastive.clip_loss(jnp.asarray(x), jnp.asarray(y), jnp.log(5.0), label_smoothing=a)
+    got = losses.clip_loss(jnp.asarray(x), jnp.asarray(y), jnp.log(5.0), label_smoothing=a)
     np.testing.assert_allclose(got, smoothed, rtol=1e-5)
 
 
@@ -51,7 +51,7 @@ def test_siglip_loss_is_the_pairwise_sigmoid_loss():
     logits = 10.0 * x @ y.T - 10.0
     z = 2 * np.eye(B) - 1
     expected = np.log1p(np.exp(-z * logits)).sum(1)
-    got = contrastive.siglip_loss(jnp.asarray(x), jnp.asarray(y), jnp.log(10.0), jnp.asarray(-10.0))
+    got = losses.siglip_loss(jnp.asarray(x), jnp.asarray(y), jnp.log(10.0), jnp.asarray(-10.0))
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
@@ -121,11 +121,11 @@ def test_chunked_siglip_equals_siglip_and_never_builds_the_global_matrix():
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     x, y = jax.device_put(x, sharding), jax.device_put(y, sharding)
     scale, bias = jnp.log(10.0), jnp.asarray(-10.0)
-    plain = contrastive.siglip_loss(x, y, scale, bias)
-    chunked = jax.jit(functools.partial(contrastive.siglip_loss_chunked, mesh=mesh))(x, y, scale, bias)
+    plain = losses.siglip_loss(x, y, scale, bias)
+    chunked = jax.jit(functools.partial(losses.siglip_loss_chunked, mesh=mesh))(x, y, scale, bias)
     np.testing.assert_allclose(chunked, plain, rtol=1e-5)
     # Per device, the largest similarity block is [B/8, B/8]: no [B, B] (or [B/8, B]) array in the program.
-    hlo = jax.jit(functools.partial(contrastive.siglip_loss_chunked, mesh=mesh)).lower(x, y, scale, bias)
+    hlo = jax.jit(functools.partial(losses.siglip_loss_chunked, mesh=mesh)).lower(x, y, scale, bias)
     text = hlo.compile().as_text()
     assert f"f32[{B},{B}]" not in text and f"f32[{B // 8},{B}]" not in text and f"f32[{B // 8},{B // 8}]" in text
 

@@ -1,4 +1,8 @@
-"""MultimodalModel: one encoder per modality -> fusion -> head, built from `config.model`."""
+"""`build_model(config.model)`: the model a config names, with every field checked before anything is traced.
+
+Builds `MultimodalModel` (encoders -> fusion -> head), `TwoTower` or `MatchingModel` from registered encoders,
+fusions and heads (importing this module registers all of them).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -19,58 +22,13 @@ from mmjax.nn.encoders import audio as _audio  # noqa: F401
 from mmjax.nn.encoders import image as _image  # noqa: F401
 from mmjax.nn.encoders import tabular as _tabular  # noqa: F401
 from mmjax.nn.encoders import text as _text  # noqa: F401
-from mmjax.nn.common import config_context
+from mmjax.checks import is_int, is_number
 from mmjax.nn.conv import IMPLS as CONV_IMPLS
+from mmjax.nn.models.matching import build_matching
+from mmjax.nn.models.multimodal import MultimodalModel
+from mmjax.nn.models.two_tower import TwoTower
 from mmjax.nn.transformer import ATTENTION_IMPLS, REMAT_POLICIES
 from mmjax.registry import ENCODERS, FUSIONS, HEADS, Registry, invalid_choice
-
-
-class MultimodalModel(nn.Module):
-    """Encodes each modality of a batch, fuses the features and applies the head.
-
-    `batch` is a dict with one array per modality key of `encoders` (leading batch axis) and optional
-    `<modality>_mask` arrays of shape `[B]` marking examples where that modality is missing.
-    `modality_dropout` (training only) drops each present modality of each example with that probability, as a
-    missing modality is dropped (through its mask); an example that would lose all its modalities keeps them.
-    """
-
-    encoders: Mapping[str, nn.Module]
-    fusion: nn.Module
-    head: nn.Module | None
-    modality_dropout: float = 0.0
-
-    @nn.compact
-    def __call__(self, batch: Mapping[str, jax.Array], *, train: bool) -> jax.Array:
-        missing = [m for m in sorted(self.encoders) if m not in batch]
-        if missing:
-            raise KeyError(
-                f"batch is missing modality {', '.join(map(repr, missing))}; the model encodes "
-                f"{sorted(self.encoders)} and the batch has keys {sorted(batch)}"
-            )
-        features = {}
-        for m in sorted(self.encoders):
-            with config_context(f"model.encoders.{m}"):
-                features[m] = self.encoders[m](batch[m], train=train)
-        masks = {m: batch[f"{m}_mask"] for m in features if f"{m}_mask" in batch}
-        if train and self.modality_dropout > 0 and len(features) > 1:
-            masks = self._drop_modalities(masks, features)
-        with config_context("model.fusion"):
-            fused = self.fusion(features, masks=masks or None, train=train)
-        if self.head is None:
-            return fused
-        with config_context("model.head"):
-            return self.head(fused, train=train)
-
-    def _drop_modalities(self, masks: dict, features: dict) -> dict:
-        modalities = sorted(features)
-        batch = features[modalities[0]].pooled.shape[0]
-        present = jnp.stack(
-            [jnp.asarray(masks[m], jnp.float32) if m in masks else jnp.ones((batch,)) for m in modalities], axis=1
-        )
-        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.modality_dropout, present.shape)
-        kept = present * keep
-        kept = jnp.where(kept.sum(axis=1, keepdims=True) > 0, kept, present)
-        return {m: kept[:, i] for i, m in enumerate(modalities)}
 
 
 # Module fields that count something (channels, widths, layers, heads, positions, patch sizes): each must be a
@@ -85,13 +43,6 @@ RATE_FIELDS = frozenset({"dropout", "attention_dropout"})  # Probabilities in [0
 CHOICE_FIELDS = {"remat": REMAT_POLICIES, "attention_impl": ATTENTION_IMPLS, "conv_impl": CONV_IMPLS}
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _is_number(v: Any) -> bool:
-    return _is_int(v) or isinstance(v, (float, np.floating))
-
 
 def _sequence_of(test: Any) -> Any:
     """A test for a tuple/list/array whose elements each pass `test`."""
@@ -99,14 +50,14 @@ def _sequence_of(test: Any) -> Any:
 
 
 _ANNOTATION_KINDS = {  # A field's annotation (a string: modules use postponed annotations) -> value test.
-    "int": _is_int,
-    "float": _is_number,
+    "int": is_int,
+    "float": is_number,
     "bool": lambda v: isinstance(v, (bool, np.bool_)),
     "str": lambda v: isinstance(v, str),
     "None": lambda v: v is None,
-    "Sequence[int]": _sequence_of(_is_int),
-    "Sequence[float]": _sequence_of(_is_number),
-    "tuple[float, ...]": _sequence_of(_is_number),
+    "Sequence[int]": _sequence_of(is_int),
+    "Sequence[float]": _sequence_of(is_number),
+    "tuple[float, ...]": _sequence_of(is_number),
 }
 _ANNOTATION_WORDS = {"int": "an int", "float": "a number", "bool": "a bool (True/False)", "str": "a string",
                      "None": "None", "Sequence[int]": "a tuple of ints", "Sequence[float]": "a tuple of numbers",
@@ -116,7 +67,7 @@ _ANNOTATION_WORDS = {"int": "an int", "float": "a number", "bool": "a bool (True
 def _numbers(value: Any) -> list:
     """The numbers in a field value (an int, or a tuple of ints like `features`)."""
     values = list(value) if isinstance(value, (tuple, list, np.ndarray)) else [value]
-    return [v for v in values if _is_number(v)]
+    return [v for v in values if is_number(v)]
 
 
 def check_fields(cls: type, kwargs: Mapping[str, Any], where: str) -> None:
@@ -136,7 +87,7 @@ def check_fields(cls: type, kwargs: Mapping[str, Any], where: str) -> None:
                 raise ValueError(f"config {where}.{key}={value!r} must hold positive integers (sizes); {bad[0]} is not")
             if bad:
                 raise ValueError(f"config {where}.{key}={value!r} must be a positive integer (it is a size)")
-        if key in RATE_FIELDS and _is_number(value) and not 0.0 <= value < 1.0:
+        if key in RATE_FIELDS and is_number(value) and not 0.0 <= value < 1.0:
             raise ValueError(f"config {where}.{key}={value!r} must be a probability in [0, 1)")
         if key in CHOICE_FIELDS and value not in CHOICE_FIELDS[key]:
             raise ValueError(invalid_choice(f"{where}.{key}", value, CHOICE_FIELDS[key]))
@@ -153,7 +104,7 @@ def _compute_dtype(value: Any, where: str) -> jnp.dtype:
     return dtype
 
 
-def _build(registry: Registry, cfg: ml_collections.ConfigDict, where: str, dtype: Any = None, **extra: Any):
+def build_module(registry: Registry, cfg: ml_collections.ConfigDict, where: str, dtype: Any = None, **extra: Any):
     """Instantiates `registry[cfg.name]` with the other keys of `cfg` as fields; unknown fields name `where`.
 
     `dtype` (the model-wide compute dtype) is given to modules that have a `dtype` field and set none.
@@ -205,18 +156,18 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
         raise ValueError("config model.encoders is empty: name at least one modality's encoder")
     dtype = _check_dtype(model_config)
     encoders = {
-        m: _build(ENCODERS, model_config.encoders[m], f"model.encoders.{m}", dtype)()
+        m: build_module(ENCODERS, model_config.encoders[m], f"model.encoders.{m}", dtype)()
         for m in sorted(model_config.encoders)
     }
     if kind == "two_tower":
         return _build_two_tower(model_config, encoders, dtype)
     if kind == "matching":
-        return _build_matching(model_config, encoders, dtype)
+        return build_matching(model_config, encoders, dtype)
     num_classes = model_config.get("num_classes")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
         raise ValueError(f"config model.num_classes={num_classes!r} must be a positive integer (the head's outputs)")
-    head = _build(HEADS, model_config.head, "model.head", dtype, num_classes=num_classes)
-    fusion = _build(FUSIONS, model_config.fusion, "model.fusion", dtype)
+    head = build_module(HEADS, model_config.head, "model.head", dtype, num_classes=num_classes)
+    fusion = build_module(FUSIONS, model_config.fusion, "model.fusion", dtype)
     needed = getattr(fusion.func, "min_modalities", 1)
     if len(encoders) < needed:
         raise ValueError(
@@ -232,8 +183,6 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
 
 
 def _build_two_tower(model_config, encoders, dtype) -> nn.Module:
-    from mmjax.nn.contrastive import TwoTower
-
     if len(encoders) != 2:
         raise ValueError(f"config model.encoders: a two_tower model needs exactly 2 towers, got {sorted(encoders)}")
     options = dict(model_config.get("two_tower", {}))
@@ -249,9 +198,3 @@ def _build_two_tower(model_config, encoders, dtype) -> nn.Module:
         if bad:
             raise ValueError(f"config model.two_tower.aliases {bad} name no tower; towers: {sorted(encoders)}")
     return TwoTower(encoders=encoders, dtype=jnp.dtype(dtype) if dtype else None, **options)
-
-
-def _build_matching(model_config, encoders, dtype) -> nn.Module:
-    from mmjax.nn.matching import build_matching
-
-    return build_matching(model_config, encoders, dtype)

@@ -2,7 +2,7 @@
 
 Each tower is an encoder (any registered one) followed by a bias-free linear projection to `embed_dim` and L2
 normalisation; the model also owns the learned temperature, stored as a log-scale (`logit_scale`), and the
-SigLIP bias (`logit_bias`; unused by the CLIP loss). The losses live in `mmjax.contrastive`.
+SigLIP bias (`logit_bias`; unused by the CLIP loss). The losses live in `mmjax.tasks.losses`.
 
 Inputs may carry extra leading axes, e.g. `text [B, K, L]` (several captions per image at evaluation): they are
 flattened for the encoder and restored on the embeddings (`[B, K, D]`). Batch keys in `aliases` are encoded by
@@ -25,6 +25,7 @@ FEATURE_RANKS = {"image": 3, "audio": 2, "text": 1, "table": 1}
 CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07.
 SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)  # SigLIP: t' = log 10, b = -10.
 SIGLIP_LOGIT_BIAS_INIT = -10.0
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature so logits stay <= 100 x cosine.
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:

@@ -1,0 +1,24 @@
+"""`split_metrics`: the task's exact metrics over every example of a split, and the mean loss."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Iterable, Mapping
+
+import numpy as np
+
+from mmjax.evaluate.base import EVALUATORS, EvalContext, Evaluator
+
+
+@EVALUATORS.register("split_metrics")
+@dataclasses.dataclass(frozen=True)
+class SplitMetrics(Evaluator):
+    """`task.metrics` (accuracy and macro-F1, mAP, MAE, retrieval recall@K and binding, ...) plus `loss`."""
+
+    uses_outputs: ClassVar[bool] = True
+
+    def __call__(self, context: EvalContext, state: Any, split: str, outputs: Mapping[str, np.ndarray] | None,
+                 batches: Iterable | None = None) -> dict:
+        metrics = context.task.metrics(outputs, outputs["label"])
+        metrics["loss"] = float(outputs["loss"].mean())
+        return metrics

@@ -1,0 +1,67 @@
+"""MultimodalModel: one encoder per modality -> fusion -> head (the model of classification-style tasks)."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mmjax.nn.common import config_context
+
+
+class MultimodalModel(nn.Module):
+    """Encodes each modality of a batch, fuses the features and applies the head.
+
+    `batch` is a dict with one array per modality key of `encoders` (leading batch axis) and optional
+    `<modality>_mask` arrays of shape `[B]` marking examples where that modality is missing.
+    `modality_dropout` (training only) drops each present modality of each example with that probability, as a
+    missing modality is dropped (through its mask); an example that would lose all its modalities keeps them.
+    """
+
+    encoders: Mapping[str, nn.Module]
+    fusion: nn.Module
+    head: nn.Module | None
+    modality_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, batch: Mapping[str, jax.Array], *, train: bool) -> jax.Array:
+        missing = [m for m in sorted(self.encoders) if m not in batch]
+        if missing:
+            raise KeyError(
+                f"batch is missing modality {', '.join(map(repr, missing))}; the model encodes "
+                f"{sorted(self.encoders)} and the batch has keys {sorted(batch)}"
+            )
+        features = {}
+        for m in sorted(self.encoders):
+            with config_context(f"model.encoders.{m}"):
+                features[m] = self.encoders[m](batch[m], train=train)
+        masks = {m: batch[f"{m}_mask"] for m in features if f"{m}_mask" in batch}
+        if train and self.modality_dropout > 0 and len(features) > 1:
+            masks = self._drop_modalities(masks, features)
+        with config_context("model.fusion"):
+            fused = self.fusion(features, masks=masks or None, train=train)
+        if self.head is None:
+            return fused
+        with config_context("model.head"):
+            return self.head(fused, train=train)
+
+    def encode(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> dict[str, jax.Array]:
+        """Each modality's pooled encoder features `[B, D]` (before fusion), e.g. for classical baselines."""
+        features = {}
+        for m in sorted(self.encoders):
+            with config_context(f"model.encoders.{m}"):
+                features[m] = self.encoders[m](batch[m], train=train).pooled
+        return features
+
+    def _drop_modalities(self, masks: dict, features: dict) -> dict:
+        modalities = sorted(features)
+        batch = features[modalities[0]].pooled.shape[0]
+        present = jnp.stack(
+            [jnp.asarray(masks[m], jnp.float32) if m in masks else jnp.ones((batch,)) for m in modalities], axis=1
+        )
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.modality_dropout, present.shape)
+        kept = present * keep
+        kept = jnp.where(kept.sum(axis=1, keepdims=True) > 0, kept, present)
+        return {m: kept[:, i] for i, m in enumerate(modalities)}
