@@ -26,7 +26,7 @@ class ZeroShot(Evaluator):
 
     @classmethod
     def unsupported(cls, context: EvalContext) -> str | None:
-        if getattr(context.dataset, "class_prompts", None) is None:
+        if context.dataset.class_prompts is None:
             return f"dataset {context.dataset.name!r} has no class prompts"
         if not hasattr(context.model, "embed"):
             return f"model {type(context.model).__name__} has no text tower to embed prompts with"
