@@ -1,4 +1,4 @@
-"""Evaluation of trained states, behind one interface (`base.Evaluator`, chosen by name from `config.eval`).
+"""Evaluation of trained states, behind one interface (`evaluator.Evaluator`, chosen by name from `config.eval`).
 
 `outputs` runs the model over a split and gathers per-example outputs; the evaluators: `split_metrics` (the task's
 exact metrics and loss), `zero_shot` (classification by class prompts), `robustness` (noisy and missing
@@ -7,6 +7,6 @@ encoder features for any further analysis.
 """
 
 from mmjax.evaluate import classical, robustness, split_metrics, zero_shot  # noqa: F401  (register their evaluators)
-from mmjax.evaluate.base import EVALUATORS, Evaluator, build_evaluators, evaluate
+from mmjax.evaluate.evaluator import EVALUATORS, Evaluator, build_evaluators, evaluate
 
 __all__ = ["EVALUATORS", "Evaluator", "build_evaluators", "evaluate"]

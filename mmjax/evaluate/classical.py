@@ -20,7 +20,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
-from mmjax.evaluate.base import EVALUATORS, EvalContext, Evaluator
+from mmjax.evaluate.evaluator import EVALUATORS, EvalContext, Evaluator
 from mmjax.evaluate.features import extract_features
 
 from mmjax.metrics.classification import classification_metrics

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from mmjax.data import pipeline
-from mmjax.evaluate.base import EvalContext
+from mmjax.evaluate.evaluator import EvalContext
 from mmjax.evaluate.outputs import gather_outputs
 
 

@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 
 from mmjax.data import pipeline
 from mmjax.data.pipeline import VALID_KEY, mask_key
-from mmjax.evaluate.base import EVALUATORS, EvalContext, Evaluator
+from mmjax.evaluate.evaluator import EVALUATORS, EvalContext, Evaluator
 from mmjax.metrics.classification import classification_metrics
 
 LABEL_KEY = "label"

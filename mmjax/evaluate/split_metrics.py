@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 
 import numpy as np
 
-from mmjax.evaluate.base import EVALUATORS, EvalContext, Evaluator
+from mmjax.evaluate.evaluator import EVALUATORS, EvalContext, Evaluator
 
 
 @EVALUATORS.register("split_metrics")

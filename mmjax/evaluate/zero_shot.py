@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 import jax
 import numpy as np
 
-from mmjax.evaluate.base import EVALUATORS, EvalContext, Evaluator
+from mmjax.evaluate.evaluator import EVALUATORS, EvalContext, Evaluator
 from mmjax.metrics.retrieval import class_embeddings, zero_shot_metrics
 
 

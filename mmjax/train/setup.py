@@ -21,7 +21,7 @@ from mmjax import reporting
 from mmjax.checks import check_number, check_positive_int, check_strings, is_int
 from mmjax.data import pipeline
 from mmjax.data.datasets import Dataset, get_dataset
-from mmjax.evaluate.base import Evaluator, build_evaluators, evaluate
+from mmjax.evaluate.evaluator import Evaluator, build_evaluators, evaluate
 from mmjax.evaluate.outputs import jit_eval_step
 from mmjax.nn.builder import build_model
 from mmjax.nn.pretrained import check_init_from, load_pretrained_source, merge_pretrained
