@@ -11,7 +11,8 @@ import pytest
 from experiments import av_digits
 from mmjax import config as config_lib
 from mmjax.data import pipeline
-from mmjax.evaluate import classical, evaluator, robustness
+from mmjax.evaluate import classical, robustness
+from mmjax.evaluate import evaluator as evaluator_lib
 from mmjax.evaluate.features import extract_features
 from mmjax.train import setup as setup_lib
 from tests.conftest import tiny_overrides
@@ -33,7 +34,7 @@ class _Embedder:
 
 
 def test_default_evaluators_follow_what_the_run_supports():
-    names = lambda ctx: [type(e).__name__ for e in evaluator.build_evaluators(ctx)]  # noqa: E731
+    names = lambda ctx: [type(e).__name__ for e in evaluator_lib.build_evaluators(ctx)]  # noqa: E731
     assert names(_context()) == ["SplitMetrics"]
     assert names(_context(prompts=np.zeros((2, 1, 4), np.int32))) == ["SplitMetrics"]  # No text tower.
     assert names(_context(prompts=np.zeros((2, 1, 4), np.int32), model=_Embedder(), task="contrastive")) == [
@@ -43,22 +44,22 @@ def test_default_evaluators_follow_what_the_run_supports():
 def test_named_evaluators_must_exist_and_support_the_run():
     with pytest.raises(ValueError, match="config eval.evaluators: unknown evaluator 'zero_sht'. Did you mean "
                                          "'zero_shot'"):
-        evaluator.build_evaluators(_context(["split_metrics", "zero_sht"]))
+        evaluator_lib.build_evaluators(_context(["split_metrics", "zero_sht"]))
     with pytest.raises(ValueError, match="'zero_shot' cannot evaluate this run: dataset 'toy' has no class prompts"):
-        evaluator.build_evaluators(_context(["zero_shot"]))
+        evaluator_lib.build_evaluators(_context(["zero_shot"]))
     with pytest.raises(ValueError, match="'robustness' cannot evaluate this run: it scores class predictions"):
-        evaluator.build_evaluators(_context(["robustness"], task="contrastive"))
+        evaluator_lib.build_evaluators(_context(["robustness"], task="contrastive"))
 
 
 def test_evaluator_options_come_from_the_config_and_are_checked():
     ctx = _context(["robustness"])
     ctx.config.eval.robustness = {"levels": (0.0, 1.0), "seed": 3}
-    (evaluator,) = evaluator.build_evaluators(ctx)
+    (evaluator,) = evaluator_lib.build_evaluators(ctx)
     assert evaluator == robustness.Robustness(levels=(0.0, 1.0), seed=3)
     ctx.config.eval.robustness = {"level": (0.0, 1.0)}
     with pytest.raises(ValueError, match=r"config eval.robustness: unknown option\(s\) \['level'\]; valid: "
                                          r"\['levels', 'seed', 'metric'\]. Did you mean 'levels'"):
-        evaluator.build_evaluators(ctx)
+        evaluator_lib.build_evaluators(ctx)
 
 
 @pytest.fixture(scope="module")
