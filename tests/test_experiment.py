@@ -9,9 +9,9 @@ import sys
 import pytest
 
 import experiments
-from experiments import av_digits, clip_throughput
+from experiments import av_digits, clip_throughput, shapes_clip, text_intents
+from mmjax import compare, experiment
 from mmjax import config as config_lib
-from mmjax import experiment
 from tests.conftest import REPO_ROOT
 
 
@@ -66,6 +66,27 @@ def test_config_applies_the_preset_then_overrides_then_the_variant():
         experiment.config(av_digits, variant="fused")
     with pytest.raises(config_lib.ConfigError, match="unknown preset 'tpu'; valid: gpu"):
         experiment.config(clip_throughput, "tpu")
+
+
+def test_every_experiment_starts_from_the_base_config():
+    base = set(config_lib.flat_keys(config_lib.base_config()))
+    kept_out = {"clip_throughput": {"data.data_dir", "mesh.fsdp_min_size"},  # As their earlier config.json files.
+                "shapes_clip": {"mesh.fsdp_min_size"}, "shapes_itm": {"mesh.fsdp_min_size"},
+                "shapes_lit": {"mesh.fsdp_min_size"}}
+    for name in experiment.names():
+        keys = set(config_lib.flat_keys(experiment.load(name).get_config()))
+        assert base - keys == kept_out.get(name, set()), name
+
+
+def test_the_run_is_the_experiments_own_else_its_variants_compared(monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, "run_variants", lambda config, workdir, variants, metrics: calls.append(
+        (workdir, variants, metrics)))
+    experiment.runner(av_digits)(av_digits.get_config(), "/w")
+    experiment.runner(shapes_clip)(shapes_clip.get_config(), "/s")
+    assert calls == [("/w", av_digits.VARIANTS, compare.DEFAULT_METRICS), ("/s", shapes_clip.VARIANTS,
+                                                                          shapes_clip.METRICS)]
+    assert experiment.runner(text_intents) is text_intents.run
 
 
 def test_command_runs_a_packaged_experiment_in_a_fresh_process():
