@@ -17,33 +17,19 @@ spread, see README "Results"):
 
 from __future__ import annotations
 
-from typing import Callable
-
 import ml_collections
 
-from mmjax import cli  # Light on purpose: the trainer (and JAX) are imported in run(), after start-up.
-
-Variant = Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]
+from mmjax import compare, experiment  # Light on purpose: the trainer (and JAX) are imported to run, after start-up.
+from mmjax.config import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
+    config = base_config()  # The optimizer, schedule, mesh, eval and checkpoint defaults are this experiment's.
     config.name = "av_digits"
-    config.seed = 0
     config.variants = ("image", "audio", "early", "late")
-    config.data = dict(
-        name="av_digits",
-        data_dir="",  # Empty: $TFDS_DATA_DIR or ~/tensorflow_datasets.
-        train_split="train",
-        target="digit",  # "digit" (10 classes), "value" (regression), "digit_pair" (multi-label); see tasks.
-        batch_size=64,
-        eval_batch_size=256,
-        num_threads=1,  # Measured: one Grain thread beats two for this in-memory data.
-        num_workers=0,
-        prefetch=2,  # Batches checked and sent to the devices ahead of the step, by a background thread.
-        cache_in_memory=True,  # 1,797 small examples: preprocess once, not every epoch.
-        audio=dict(n_fft=256, hop_length=160, n_mels=40),
-    )
+    config.data.name = "av_digits"
+    config.data.target = "digit"  # "digit" (10 classes), "value" (regression), "digit_pair" (multi-label); see tasks.
+    config.data.audio = dict(n_fft=256, hop_length=160, n_mels=40)
     config.model = dict(
         num_classes=10,
         encoders=dict(
@@ -55,66 +41,15 @@ def get_config() -> ml_collections.ConfigDict:
         head=dict(name="classifier", hidden=(128,), dropout=0.2),
         modality_dropout=0.0,  # Training only: drop each modality of each example with this probability.
     )
-    config.task = dict(name="classification")  # With data.target: "digit"; see experiments/av_digits_tasks.py.
-    config.optimizer = dict(
-        name="adamw",  # or "sgd" (momentum, nesterov)
-        lr=2e-3,
-        schedule="cosine",  # linear warm-up, then cosine decay to lr * end_lr_factor; or "constant"
-        warmup_steps=50,
-        end_lr_factor=0.01,
-        weight_decay=1e-4,  # not applied to biases and norm parameters
-        b1=0.9,
-        b2=0.999,
-        momentum=0.9,
-        nesterov=False,
-        grad_clip_norm=1.0,  # global norm; 0 disables clipping
-    )
-    config.train = dict(
-        num_steps=600,
-        log_every_steps=50,
-        eval_every_steps=200,
-        frozen=(),  # Regexes of parameter paths to lock (no gradient, no optimizer state), e.g. "encoders_image".
-        init_from={},  # Parameter subtree -> pretrained source, e.g. {"encoders_text": "minilm"}; see loop.py.
-        grad_accum_steps=1,  # Micro-batches per batch (gradients accumulated, one update); batch % (k*devices) == 0.
-    )
-    config.mesh = dict(
-        fsdp=1,  # Devices each large param/optimizer-state leaf is split over (FSDP); 1 = replicated; divides devices.
-        fsdp_min_size=4096,  # Leaves with fewer elements stay replicated under FSDP (too small to be worth a gather).
-    )
-    config.eval = dict(splits=("validation", "test"))
-    config.checkpoint = dict(every_steps=200, keep=2, best_metric="validation/accuracy", best_mode="max")
     return config
 
 
-def _only(modality: str) -> Variant:
-    def variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-        config.model.encoders = {modality: config.model.encoders[modality].to_dict()}
-        config.model.fusion = {"name": "concat"}
-        return config
-
-    return variant
-
-
-def _fused(fusion: str) -> Variant:
-    def variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-        config.model.fusion = {"name": fusion}
-        return config
-
-    return variant
-
-
-VARIANTS = {"image": _only("image"), "audio": _only("audio"), "early": _fused("concat"), "late": _fused("late")}
-
-
-def run(config: ml_collections.ConfigDict, workdir: str):
-    from mmjax import compare
-
-    return compare.run_variants(config, workdir, VARIANTS)
-
-
-def main(argv=None):
-    return cli.main(get_config, run, argv, description=__doc__)
-
+VARIANTS = {
+    "image": compare.unimodal("image"),
+    "audio": compare.unimodal("audio"),
+    "early": compare.fusion("concat"),
+    "late": compare.fusion("late"),
+}
 
 if __name__ == "__main__":
-    main()
+    experiment.main(__name__)

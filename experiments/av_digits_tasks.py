@@ -25,7 +25,7 @@ import os
 import ml_collections
 
 from experiments import av_digits
-from mmjax import cli
+from mmjax import compare, experiment
 
 TASKS = {
     # task: (data.target, head, num_classes, best checkpoint metric, mode, table metrics)
@@ -39,7 +39,6 @@ def get_config() -> ml_collections.ConfigDict:
     config = av_digits.get_config()
     config.name = "av_digits_tasks"
     config.tasks = ("multilabel", "regression")
-    config.variants = ("image", "audio", "early", "late")
     config.train.num_steps = 500
     return config
 
@@ -60,8 +59,6 @@ def task_config(config: ml_collections.ConfigDict, task: str) -> ml_collections.
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
-    from mmjax import compare
-
     results = {}
     for task in config.tasks:
         results[task] = compare.run_variants(
@@ -72,9 +69,5 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     return results
 
 
-def main(argv=None):
-    return cli.main(get_config, run, argv, description=__doc__)
-
-
 if __name__ == "__main__":
-    main()
+    experiment.main(__name__)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from mmjax import cli
+from mmjax import experiment
+from mmjax.config import base_config
 
 PRESETS = {
     "gpu": [
@@ -38,20 +39,16 @@ PRESETS = {
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
+    config = base_config()
     config.name = "clip_throughput"
-    config.seed = 0
-    config.data = dict(
-        name="synthetic",
-        synthetic=dict(image=(224, 224, 3), text=(32,), vocab_size=30522, pad=8, task="contrastive", pool_size=64),
-        train_split="train",
-        batch_size=32,
-        eval_batch_size=32,
-        num_threads=2,
-        num_workers=0,
-        prefetch=2,  # Batches checked and sent to the devices ahead of the step, by a background thread.
-        cache_in_memory=False,  # The synthetic pool already lives in memory.
-    )
+    config.data.name = "synthetic"
+    config.data.synthetic = dict(image=(224, 224, 3), text=(32,), vocab_size=30522, pad=8, task="contrastive",
+                                 pool_size=64)
+    del config.data.data_dir  # Nothing on disk.
+    config.data.batch_size = 32
+    config.data.eval_batch_size = 32
+    config.data.num_threads = 2
+    config.data.cache_in_memory = False  # The synthetic pool already lives in memory.
     config.model = dict(
         name="two_tower",
         num_classes=10,
@@ -64,25 +61,13 @@ def get_config() -> ml_collections.ConfigDict:
         two_tower=dict(embed_dim=256),
     )
     config.task = dict(name="clip")
-    config.optimizer = dict(name="adamw", lr=5e-4, schedule="cosine", warmup_steps=2, end_lr_factor=0.1,
-                            weight_decay=0.1, b1=0.9, b2=0.98, momentum=0.9, nesterov=False, grad_clip_norm=1.0)
-    config.train = dict(num_steps=10, log_every_steps=2, eval_every_steps=10, frozen=(), init_from={},
-                        grad_accum_steps=1)
-    config.mesh = dict(fsdp=1)  # Size of the mesh axis that shards parameters and optimizer state (FSDP).
-    config.eval = dict(splits=("test",))
-    config.checkpoint = dict(every_steps=10, keep=1, best_metric="", best_mode="max")
+    config.optimizer.update(lr=5e-4, warmup_steps=2, end_lr_factor=0.1, weight_decay=0.1, b2=0.98)
+    config.train.update(num_steps=10, log_every_steps=2, eval_every_steps=10)
+    del config.mesh.fsdp_min_size  # Not in this config (the trainer's default applies), as in its earlier runs.
+    config.eval.splits = ("test",)
+    config.checkpoint.update(every_steps=10, keep=1, best_metric="")
     return config
 
 
-def run(config: ml_collections.ConfigDict, workdir: str):
-    from mmjax.train import loop
-
-    return loop.run(config, workdir)
-
-
-def main(argv=None):
-    return cli.main(get_config, run, argv, description=__doc__, presets=PRESETS)
-
-
 if __name__ == "__main__":
-    main()
+    experiment.main(__name__)

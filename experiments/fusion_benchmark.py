@@ -36,9 +36,10 @@ from typing import Any
 import ml_collections
 
 from experiments import av_digits
-from mmjax import cli
+from mmjax import compare, experiment
 
-# Method name -> the model change it makes. `None` fusion = keep only the named modality.
+COMPILE_CACHE = True  # Each method trains once per seed with the same programs: the cache compiles them once.
+# Method name -> the model change it makes: "only" keeps one modality, "fusion" is the fusion's config.
 METHODS: dict[str, dict[str, Any]] = {
     "image_only": {"only": "image"},
     "audio_only": {"only": "audio"},
@@ -87,12 +88,7 @@ def method_config(config: ml_collections.ConfigDict, method: str, seed: int) -> 
         del run[key]
     run.name = f"{config.name}/{method}/seed_{seed}"
     run.seed = seed
-    if "only" in change:
-        run.model.encoders = {change["only"]: config.model.encoders[change["only"]].to_dict()}
-        run.model.fusion = {"name": "concat"}
-    else:
-        run.model.fusion = dict(change["fusion"])
-    return run
+    return compare.unimodal(change["only"])(run) if "only" in change else compare.fusion(**change["fusion"])(run)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -273,10 +269,5 @@ def _write_outputs(workdir, rows, curves, per_method, classical_results, config)
         }, f, indent=2, default=list)
 
 
-def main(argv=None):
-    # Each method trains once per seed with the same programs: the compile cache compiles them once.
-    return cli.main(get_config, run, argv, description=__doc__, compile_cache=True)
-
-
 if __name__ == "__main__":
-    main()
+    experiment.main(__name__)

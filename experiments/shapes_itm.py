@@ -30,8 +30,8 @@ import os
 
 import ml_collections
 
-from mmjax import cli
 from experiments import shapes_clip
+from mmjax import compare, experiment
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -59,6 +59,7 @@ def _cross(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 VARIANTS = {"dual": _dual, "cross": _cross}
+METRICS = ("binding_accuracy", "i2t_recall@1")
 # (row label, variant, metric prefix): which score ranks a caption.
 ROWS = (
     ("dual encoder (cosine)", "dual", ""),
@@ -81,10 +82,9 @@ def binding_table(summary: dict) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
-    from mmjax import compare
     from mmjax import reporting
 
-    result = compare.run_variants(config, workdir, VARIANTS, metrics=("binding_accuracy", "i2t_recall@1"))
+    result = compare.run_variants(config, workdir, VARIANTS, metrics=METRICS)
     if result.get("preempted"):
         return result
     table = binding_table({name: r["splits"] for name, r in result["variants"].items()})
@@ -97,9 +97,5 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     return {**result, "binding_table": table}
 
 
-def main(argv=None):
-    return cli.main(get_config, run, argv, description=__doc__)
-
-
 if __name__ == "__main__":
-    main()
+    experiment.main(__name__)

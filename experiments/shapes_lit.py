@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from mmjax import cli
 from experiments import shapes_clip
+from mmjax import experiment
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -40,17 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 VARIANTS = {"lit": shapes_clip.VARIANTS["clip"]}
-
-
-def run(config: ml_collections.ConfigDict, workdir: str):
-    from mmjax import compare
-
-    return compare.run_variants(config, workdir, VARIANTS, metrics=shapes_clip.METRICS)
-
-
-def main(argv=None):
-    return cli.main(get_config, run, argv, description=__doc__)
-
+METRICS = shapes_clip.METRICS
 
 if __name__ == "__main__":
-    main()
+    experiment.main(__name__)

@@ -34,35 +34,24 @@ splitting of words never seen in training) differs between processes. With the s
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import ml_collections
 
-from mmjax import cli  # Light on purpose: the trainer (and JAX) are imported in run(), after start-up.
-
-Variant = Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]
+from mmjax import compare, experiment  # Light on purpose: the trainer (and JAX) are imported to run, after start-up.
+from mmjax.config import base_config
 
 SCRATCH_TOKENIZER = os.path.join("scratch", "tokenizer.json")  # Relative to the workdir.
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
+    config = base_config()
     config.name = "text_intents"
-    config.seed = 0
     config.variants = ("frozen", "finetune", "scratch")
-    config.data = dict(
-        name="intents",
-        data_dir="",  # Empty: $TFDS_DATA_DIR or ~/tensorflow_datasets.
-        train_split="train",
-        tokenizer="minilm",  # "minilm" (all-MiniLM-L6-v2's) or a tokenizer.json path; the scratch variant sets it.
-        max_len=32,  # Token ids per text; the longest Intents text is 23 MiniLM tokens.
-        batch_size=32,
-        eval_batch_size=128,
-        num_threads=1,
-        num_workers=0,
-        prefetch=2,  # Batches checked and sent to the devices ahead of the step, by a background thread.
-        cache_in_memory=True,  # 2,900 short texts: tokenise once, not every epoch.
-    )
+    config.data.name = "intents"
+    config.data.tokenizer = "minilm"  # "minilm" (all-MiniLM-L6-v2's) or a tokenizer.json path; scratch sets it.
+    config.data.max_len = 32  # Token ids per text; the longest Intents text is 23 MiniLM tokens.
+    config.data.batch_size = 32
+    config.data.eval_batch_size = 128
     config.model = dict(
         num_classes=8,
         encoders=dict(text=dict(name="minilm_l6", dropout=0.0)),  # max_len 512 positions, of which 32 are used.
@@ -70,20 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
         head=dict(name="classifier", hidden=(256,), dropout=0.1),
         modality_dropout=0.0,
     )
-    config.task = dict(name="classification")
-    config.optimizer = dict(
-        name="adamw",
-        lr=1e-3,  # Replaced by variant_lr.<variant> in every variant.
-        schedule="cosine",  # linear warm-up, then cosine decay to lr * end_lr_factor; or "constant"
-        warmup_steps=20,
-        end_lr_factor=0.01,
-        weight_decay=1e-4,  # not applied to biases and norm parameters
-        b1=0.9,
-        b2=0.999,
-        momentum=0.9,
-        nesterov=False,
-        grad_clip_norm=1.0,  # global norm; 0 disables clipping
-    )
+    config.optimizer.update(lr=1e-3, warmup_steps=20)  # lr: replaced by variant_lr.<variant> in every variant.
     config.variant_lr = dict(frozen=2e-3, finetune=1e-4, scratch=1e-3)
     config.scratch_encoder = dict(
         name="text_transformer", width=128, depth=2, num_heads=4, mlp_dim=512, max_len=32, pool="mean",
@@ -91,24 +67,13 @@ def get_config() -> ml_collections.ConfigDict:
     )
     # Empty path: trained on the training split's text by run() and saved as WORKDIR/scratch/tokenizer.json.
     config.scratch_tokenizer = dict(kind="wordpiece", vocab_size=2000, path="")
-    config.train = dict(
-        num_steps=200,
-        log_every_steps=50,
-        eval_every_steps=100,
-        frozen=(),  # Regexes of parameter paths to lock; the frozen variant sets ("encoders_text",).
-        init_from={},  # Subtree -> pretrained source; the MiniLM variants set {"encoders_text": "minilm"}.
-        grad_accum_steps=1,  # Micro-batches per batch (gradients accumulated, one update); batch % (k*devices) == 0.
-    )
-    config.mesh = dict(
-        fsdp=1,  # Devices each large param/optimizer-state leaf is split over (FSDP); 1 = replicated; divides devices.
-        fsdp_min_size=4096,  # Leaves with fewer elements stay replicated under FSDP (too small to be worth a gather).
-    )
-    config.eval = dict(splits=("validation", "test"))
-    config.checkpoint = dict(every_steps=100, keep=2, best_metric="validation/accuracy", best_mode="max")
+    # train.frozen / init_from: the MiniLM variants set ("encoders_text",) / {"encoders_text": "minilm"}.
+    config.train.update(num_steps=200, eval_every_steps=100)
+    config.checkpoint.every_steps = 100
     return config
 
 
-def _minilm(frozen: bool) -> Variant:
+def _minilm(frozen: bool) -> compare.Variant:
     def variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         config.train.init_from = {"encoders_text": "minilm"}
         config.train.frozen = ("encoders_text",) if frozen else ()
@@ -158,17 +123,11 @@ def scratch_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
-    from mmjax import compare
-
     config = ml_collections.ConfigDict(config.to_dict())
     if "scratch" in config.variants and not config.scratch_tokenizer.path:
         config.scratch_tokenizer.path = scratch_tokenizer(config, workdir)
     return compare.run_variants(config, workdir, VARIANTS)
 
 
-def main(argv=None):
-    return cli.main(get_config, run, argv, description=__doc__)
-
-
 if __name__ == "__main__":
-    main()
+    experiment.main(__name__)

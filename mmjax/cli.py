@@ -1,4 +1,6 @@
-"""Command line shared by every experiment: `python -m experiments.NAME --workdir DIR --config.a.b=value ...`.
+"""Command line shared by every experiment (`python -m experiments.NAME --workdir DIR --config.a.b=value ...`) and
+the commands built on experiments (`python -m mmjax.sweep`, `python -m mmjax.bench`): config overrides and presets,
+the multi-process flags, and start-up (malloc re-exec, `jax.distributed`, compile cache).
 
 Exit status: 0 when done; `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL) when the run stopped early after saving a
 checkpoint (SIGTERM, SIGINT, or `--time_limit_s` / `train.time_limit_s` about to run out): run the same command
@@ -13,14 +15,15 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 
 from mmjax import config as config_lib
 
 
-def _split_overrides(rest: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+def split_overrides(rest: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
     """Collects `--config.key=value` and `--config.key value` arguments as `key=value` strings."""
     overrides, i = [], 0
     while i < len(rest):
@@ -86,7 +89,7 @@ def enable_compile_cache(workdir: str) -> str:
 
 
 def add_compile_cache_argument(parser: argparse.ArgumentParser, default: bool) -> None:
-    """`--compile_cache` / `--no-compile_cache` (see `enable_compile_cache`), shared by every experiment and the sweep."""
+    """`--compile_cache` / `--no-compile_cache` (see `enable_compile_cache`), shared by every command."""
     parser.add_argument(
         "--compile_cache", action=argparse.BooleanOptionalAction, default=default,
         help=f"keep XLA's compiled programs in WORKDIR/{COMPILE_CACHE_DIR} and load them where a program repeats "
@@ -129,6 +132,37 @@ def preset_overrides(presets: Mapping[str, Sequence[str]] | None, name: str | No
     return list(presets[name])
 
 
+def resolve_config(
+    get_config: Callable[[], ml_collections.ConfigDict],
+    overrides: Sequence[str] = (),
+    presets: Mapping[str, Sequence[str]] | None = None,
+    preset: str | None = None,
+) -> ml_collections.ConfigDict:
+    """`get_config()` with the named preset's overrides, then `overrides`: the config a command line trains."""
+    overrides = preset_overrides(presets, preset) + list(overrides)
+    return config_lib.apply_overrides(with_optional_keys(get_config(), overrides), overrides)
+
+
+def add_multiprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--coordinator_address`, `--num_processes`, `--process_id` (see `start`), shared by every command."""
+    group = parser.add_argument_group("multi-process (one process per host; or MMJAX_* environment variables)")
+    group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
+    group.add_argument("--num_processes", type=int)
+    group.add_argument("--process_id", type=int)
+
+
+def start(args: argparse.Namespace, argv: Sequence[str] | None, start_time: float | None = None) -> None:
+    """Start-up once the command line is parsed: re-exec with huge pages (a real command line only, `argv` None),
+    join the multi-process job, and turn on the compile cache if `args.compile_cache`."""
+    if argv is None:  # Only a real command line can be re-executed.
+        reexec_with_hugepages(start_time)
+    from mmjax.train import parallel
+
+    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    if args.compile_cache:
+        enable_compile_cache(args.workdir)
+
+
 def parse(
     get_config: Callable[[], ml_collections.ConfigDict],
     argv: Sequence[str] | None = None,
@@ -152,14 +186,10 @@ def parse(
         "status 75 early enough to finish the save before it runs out",
     )
     add_compile_cache_argument(parser, compile_cache)
-    group = parser.add_argument_group("multi-process (one process per host; or MMJAX_* environment variables)")
-    group.add_argument("--coordinator_address", help="HOST:PORT of process 0")
-    group.add_argument("--num_processes", type=int)
-    group.add_argument("--process_id", type=int)
+    add_multiprocess_arguments(parser)
     args, rest = parser.parse_known_args(argv)
     try:
-        overrides = preset_overrides(presets, getattr(args, "preset", None)) + _split_overrides(rest, parser)
-        config = config_lib.apply_overrides(with_optional_keys(get_config(), overrides), overrides)
+        config = resolve_config(get_config, split_overrides(rest, parser), presets, getattr(args, "preset", None))
     except config_lib.ConfigError as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return config, args
@@ -184,15 +214,11 @@ def main(
     if args.print_config:
         print(config_lib.to_json(config))
         return None
-    if argv is None:  # Only a real command line can be re-executed.
-        reexec_with_hugepages(start_time)
-    from mmjax.train import parallel, reliability
+    start(args, argv, start_time)
+    from mmjax.train import reliability
     from mmjax.train.preemption import PREEMPTED_EXIT_CODE
 
     reliability.set_time_limit(args.time_limit_s, start=start_time)
-    parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    if args.compile_cache:
-        enable_compile_cache(args.workdir)
     result = run(config, args.workdir)
     if isinstance(result, dict) and result.get("preempted"):
         sys.exit(PREEMPTED_EXIT_CODE)

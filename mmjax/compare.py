@@ -1,17 +1,40 @@
-"""Train several variants of one config (e.g. unimodal vs fused) and tabulate their test metrics."""
+"""Train several variants of one config (e.g. unimodal vs fused) and tabulate their test metrics.
+
+Light at import (experiments build their `VARIANTS` from it before JAX starts); the trainer is imported to run.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import ml_collections
 
-from mmjax import reporting
-from mmjax.train import loop
+Variant = Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]  # Changes a copy of the config, returns it.
+DEFAULT_METRICS = ("accuracy", "macro_f1")  # Columns of the comparison table.
 
-Variant = Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict]
+
+def unimodal(modality: str) -> Variant:
+    """The variant that keeps only `modality`'s encoder (the rest of the model as it is, `concat` fusion)."""
+
+    def variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        config.model.encoders = {modality: config.model.encoders[modality].to_dict()}
+        config.model.fusion = {"name": "concat"}
+        return config
+
+    return variant
+
+
+def fusion(name: str, **options: Any) -> Variant:
+    """The variant that fuses the modalities with fusion `name` (and its `options`, e.g. `combine="mean"`)."""
+
+    def variant(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        config.model.fusion = {"name": name, **options}
+        return config
+
+    return variant
 
 
 def comparison_table(results: Mapping[str, dict], split: str, metrics: Sequence[str]) -> str:
@@ -31,13 +54,16 @@ def run_variants(
     variants: Mapping[str, Variant],
     *,
     split: str = "test",
-    metrics: Sequence[str] = ("accuracy", "macro_f1"),
+    metrics: Sequence[str] = DEFAULT_METRICS,
 ) -> dict[str, Any]:
     """Runs `config.variants` (names of `variants`) one after another, each in `workdir/<name>`.
 
     Each run resumes on its own; a preempted run stops the sequence (re-running continues it). Writes
     `workdir/summary.json` and `workdir/summary.md` and prints the table.
     """
+    from mmjax import reporting
+    from mmjax.train import loop
+
     unknown = [v for v in config.variants if v not in variants]
     if unknown:
         raise ValueError(f"config variants: unknown {unknown}; valid: {', '.join(variants)}")

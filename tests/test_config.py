@@ -113,3 +113,18 @@ def test_a_group_is_replaced_whole_by_a_dict_literal_and_then_refined():
         apply_overrides(base, ["model.encoders.image={1: 2}"])
     with pytest.raises(ConfigError, match="replace it whole with a dict literal"):
         apply_overrides(base, ["model.encoders.image=vit"])
+
+
+def test_base_config_holds_every_sections_defaults():
+    base = config_lib.base_config()
+    assert set(base) == {"seed", "data", "task", "optimizer", "train", "mesh", "eval", "checkpoint"}
+    assert set(base.data) == {"data_dir", "train_split", "batch_size", "eval_batch_size", "num_threads", "num_workers",
+                              "prefetch", "cache_in_memory"}
+    assert set(base.optimizer) == {"name", "lr", "schedule", "warmup_steps", "end_lr_factor", "weight_decay", "b1",
+                                   "b2", "momentum", "nesterov", "grad_clip_norm"}
+    assert set(base.train) == {"num_steps", "log_every_steps", "eval_every_steps", "frozen", "init_from",
+                               "grad_accum_steps"}
+    assert set(base.mesh) == {"fsdp", "fsdp_min_size"} and set(base.eval) == {"splits"}
+    assert set(base.checkpoint) == {"every_steps", "keep", "best_metric", "best_mode"}
+    base.optimizer.lr = 1.0
+    assert config_lib.base_config().optimizer.lr == 2e-3  # A fresh copy each time.

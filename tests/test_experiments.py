@@ -1,4 +1,5 @@
-"""Every experiment module runs end to end, from its command line, in a tiny configuration (no bit rot)."""
+"""Every experiment module (and the sweep over one) runs end to end, from its command line, in a tiny
+configuration (no bit rot)."""
 
 import csv
 import json
@@ -70,12 +71,6 @@ def _tiny_text_intents(data_dir):
         "eval.splits": "test", "checkpoint.best_metric": "test/accuracy", "variants": "frozen,scratch",
     }
     return [f"{k}={v}" for k, v in values.items()]
-
-
-def _tiny_sweep(data_dir):
-    """The sweep's own arguments (starting with "--", passed as they are), then fixed overrides of its base."""
-    tiny = tiny_overrides(data_dir, **{"train.num_steps": 3, "train.eval_every_steps": 3, "variants": "early"})
-    return ["--base=av_digits", "--grid=optimizer.lr=[3e-3,1e-3]", "--compile_cache", *tiny]
 
 
 def _check_sweep(workdir, stdout):
@@ -162,7 +157,6 @@ TINY = {
         _check_fusion_benchmark,
     ),
     "text_intents": (_tiny_text_intents, _check_text_intents),
-    "sweep": (_tiny_sweep, _check_sweep),
     "clip_throughput": (_tiny_clip_throughput, _check_clip_throughput),
     "shapes_clip": (
         lambda d: _tiny_shapes(d, **{"model.encoders.text.width": 16, "model.encoders.text.depth": 1,
@@ -196,10 +190,20 @@ def test_experiment_runs_from_the_command_line(name, av_digits_dir, tmp_path):
     check(str(tmp_path), result.stdout)
 
 
+def test_sweep_runs_from_the_command_line(av_digits_dir, tmp_path):
+    tiny = tiny_overrides(av_digits_dir, **{"train.num_steps": 3, "train.eval_every_steps": 3, "variants": "early"})
+    command = [sys.executable, "-m", "mmjax.sweep", "--workdir", str(tmp_path), "--base=av_digits",
+               "--grid=optimizer.lr=[3e-3,1e-3]", "--compile_cache", *(f"--config.{o}" for o in tiny)]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    _check_sweep(str(tmp_path), result.stdout)
+
+
 def test_experiment_help_and_bad_override(tmp_path):
     command = [sys.executable, "-m", "experiments.av_digits", "--help"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "--workdir" in result.stdout and "python -m experiments.av_digits" in result.stdout
+    assert result.returncode == 0 and "--workdir" in result.stdout
+    assert "python -m experiments.av_digits" in result.stdout
     command = [sys.executable, "-m", "experiments.av_digits", "--workdir", str(tmp_path), "--config.optimizer.lr=x"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "config key 'optimizer.lr' expects float" in result.stderr

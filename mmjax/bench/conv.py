@@ -277,11 +277,11 @@ def default_encoders(batch: int = 64) -> dict[str, tuple[Callable[[str], Any], j
 
     Returns ``{modality: (make_module(conv_impl), inputs)}``.
     """
-    from experiments import av_digits
+    from mmjax import experiment
     from mmjax.data import av_digits as av_digits_data
     from mmjax.nn.model import build_model
 
-    config = av_digits.get_config()
+    config = experiment.load("av_digits").get_config()
     shapes = {
         "image": (batch, 8, 8, 1),
         "audio": (batch, av_digits_data.N_FRAMES, av_digits_data.N_MELS),

@@ -25,62 +25,32 @@ of them means nothing.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
-import os
 import resource
 import statistics
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
+
+from mmjax import cli, experiment
 
 RECOMPILED_EXIT_CODE = 3
 
 
-def load_experiment(spec: str):
-    """`experiments/NAME.py[:PRESET]`, `NAME[:PRESET]` or `experiments.NAME` -> (module, preset or None)."""
-    path, _, preset = spec.partition(":")
-    if path.endswith(".py"):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--config {spec}: no file {path}")
-        name = os.path.splitext(os.path.basename(path))[0]
-        module_spec = importlib.util.spec_from_file_location(f"experiments.{name}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        name = path.split(".")[-1]
-        try:
-            module = importlib.import_module(f"experiments.{name}")
-        except ModuleNotFoundError as error:
-            raise ValueError(f"--config {spec}: no experiment {name!r} ({error})") from None
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"--config {spec}: {module.__name__} has no get_config()")
-    return module, preset or None
-
-
 def experiment_config(spec: str, variant: str | None, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-    """The config a run of the experiment would train: preset, command-line overrides, then the variant."""
-    from mmjax import cli
-    from mmjax import config as config_lib
-
-    module, preset = load_experiment(spec)
-    config = config_lib.apply_overrides(
-        module.get_config(), cli.preset_overrides(getattr(module, "PRESETS", None), preset) + list(overrides)
-    )
+    """The config one run of experiment `spec` (`NAME[:PRESET]` or `path/NAME.py[:PRESET]`) trains: preset,
+    command-line overrides, then the variant, which an experiment with several must be given."""
+    target, preset = experiment.split(spec)
+    module = experiment.load(target)
     variants = getattr(module, "VARIANTS", None)
-    if variant is not None:
-        if not variants or variant not in variants:
-            raise ValueError(f"--variant {variant!r}; {module.__name__} variants: {sorted(variants or {}) or 'none'}")
-        config = variants[variant](ml_collections.ConfigDict(config.to_dict()))
-    elif variants:
+    if variant is None and variants:
         raise ValueError(f"{module.__name__} trains several variants; pick one with --variant ({', '.join(variants)})")
-    return config
+    return experiment.config(module, preset, overrides, variant)
 
 
 def matmul_peak_flops(dtype, n: int | None = None, repeats: int = 20, device=None) -> dict[str, float]:
@@ -248,8 +218,6 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from mmjax import cli
-
     parser = argparse.ArgumentParser(prog="python -m mmjax.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="experiments/NAME.py[:PRESET] or NAME[:PRESET]")
@@ -258,12 +226,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps, the first one compiles")
     parser.add_argument("--json", help="write every figure to this JSON file")
     args, rest = parser.parse_known_args(argv)
-    overrides = cli._split_overrides(rest, parser)
-    from mmjax import config as config_lib
-
+    overrides = cli.split_overrides(rest, parser)
     try:
         config = experiment_config(args.config, args.variant, overrides)
-    except (config_lib.ConfigError, ValueError, FileNotFoundError) as error:
+    except ValueError as error:  # Also config.ConfigError and experiment.ExperimentError.
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     result = benchmark(config, steps=args.steps, warmup=args.warmup)
     print(format_table(result))

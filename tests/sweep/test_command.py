@@ -1,4 +1,4 @@
-"""experiments.sweep: grids and random search (parsed like --config overrides), a tiny end-to-end sweep, resuming."""
+"""`python -m mmjax.sweep`: bad sweeps stop before training, a tiny end-to-end sweep, resuming, preemption."""
 
 import csv
 import json
@@ -9,56 +9,9 @@ import shutil
 import pytest
 
 from experiments import av_digits
-from experiments import sweep as sweep_lib
+from mmjax import experiment
+from mmjax.sweep import command
 from tests.conftest import tiny_overrides
-
-
-def _config(*overrides):
-    return sweep_lib.config_lib.apply_overrides(av_digits.get_config(), overrides)
-
-
-def _trials(grids, random=None, seed=0, config=None):
-    config = config or _config()
-    return sweep_lib.make_trials([sweep_lib.parse_grid(g, config) for g in grids], config, random, seed)
-
-
-def test_grid_is_the_product_of_values_parsed_to_each_keys_type():
-    trials = _trials(["optimizer.lr=[1e-3, 3e-4]", "model.fusion.name=[concat,'late']",
-                      "model.encoders.audio.features=[(4,), (4, 8)]"])
-    assert len(trials) == 8
-    assert [t.index for t in trials] == list(range(1, 9))
-    assert trials[0].values == {"optimizer.lr": 0.001, "model.fusion.name": "concat",
-                                "model.encoders.audio.features": [4]}
-    assert trials[-1].values == {"optimizer.lr": 0.0003, "model.fusion.name": "late",
-                                 "model.encoders.audio.features": [4, 8]}
-    assert trials[1].name == "trial_002_lr=0.001_fusion=concat_features=4-8"
-    assert trials[1].describe() == "optimizer.lr=0.001 model.fusion.name=concat model.encoders.audio.features=(4,8)"
-    assert len({t.name for t in trials}) == 8
-    # Group replacement by dict literal and a quoted sequence value, as --config takes them.
-    trials = _trials(["model.fusion=[{'name': 'late', 'combine': 'mean'}, {'name': 'concat'}]",
-                      "variants=['early,late', image]", "train.num_steps=choice(5, 7)"])
-    assert trials[0].values == {"model.fusion": {"name": "late", "combine": "mean"}, "variants": ["early", "late"],
-                                "train.num_steps": 5}
-    assert trials[3].overrides == ("model.fusion={'name': 'late', 'combine': 'mean'}", "variants=image",
-                                   "train.num_steps=7")
-
-
-def test_random_search_is_seeded_and_samples_within_the_bounds():
-    grids = ["optimizer.lr=loguniform(1e-4, 1e-2)", "optimizer.b2=uniform(0.9, 0.999)",
-             "train.num_steps=randint(3, 5)", "model.fusion.name=[concat,late]"]
-    trials = _trials(grids, random=40, seed=3)
-    assert len(trials) == 40 and trials == _trials(grids, random=40, seed=3)
-    assert [t.values for t in trials] != [t.values for t in _trials(grids, random=40, seed=4)]
-    lrs = [t.values["optimizer.lr"] for t in trials]
-    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and all(float(f"{lr:.4g}") == lr for lr in lrs)
-    assert min(lrs) < 1e-3 < max(lrs)  # Log-uniform: a decade either side of 1e-3 is equally likely.
-    assert all(0.9 <= t.values["optimizer.b2"] <= 0.999 for t in trials)
-    assert {t.values["train.num_steps"] for t in trials} == {3, 4, 5}  # Both bounds included.
-    assert all(isinstance(t.values["train.num_steps"], int) for t in trials)
-    assert {t.values["model.fusion.name"] for t in trials} == {"concat", "late"}
-    # Only lists: distinct combinations.
-    trials = _trials(["optimizer.lr=[1e-3,3e-4,1e-4]", "model.fusion.name=[concat,late]"], random=6, seed=0)
-    assert len({tuple(t.overrides) for t in trials}) == 6
 
 
 @pytest.mark.parametrize("args, message", [
@@ -79,22 +32,22 @@ def test_random_search_is_seeded_and_samples_within_the_bounds():
     (["--grid", "optimizer.lr=[1e-3]", "--config.train.num_step=3"], "unknown config key 'train.num_step'"),
     (["--grid", "optimizer.lr=[1e-3]", "--metric", "train/accuracy"], "split 'train' is not evaluated"),
     (["--grid", "optimizer.lr=[1e-3]", "--metric", "accuracy"], "expected SPLIT/NAME"),
-    (["--base", "nope", "--grid", "optimizer.lr=[1e-3]"], "unknown experiment; experiments: av_digits, "),
+    (["--base", "nope", "--grid", "optimizer.lr=[1e-3]"], "no experiment 'nope'; experiments: av_digits, "),
     (["--base", "fusion_benchmark", "--grid", "optimizer.lr=[1e-3]"], "fusion_benchmark: cannot be swept"),
     (["--grid", "optimizer.lr=[1e-3]", "--preset", "gpu"], "unknown preset 'gpu'; valid: none"),
 ])
 def test_bad_sweeps_stop_before_training_and_name_the_problem(args, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(av_digits, "run", lambda *a: pytest.fail("nothing may train"))
+    monkeypatch.setattr(av_digits, "run", lambda *a: pytest.fail("nothing may train"), raising=False)
     argv = ["--workdir", str(tmp_path / "sweep")] + (["--base", "av_digits"] if "--base" not in args else []) + args
     with pytest.raises(SystemExit) as exit_info:
-        sweep_lib.main(argv)
+        command.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "sweep")
 
 
 def test_base_by_path_and_dry_run(tmp_path, capsys):
-    result = sweep_lib.main(["--base", "experiments/av_digits.py", "--workdir", str(tmp_path / "s"), "--dry_run",
+    result = command.main(["--base", "experiments/av_digits.py", "--workdir", str(tmp_path / "s"), "--dry_run",
                              "--grid", "optimizer.lr=[1e-3,3e-4]", "--grid", "model.fusion.name=[concat,late]"])
     assert len(result["trials"]) == 4
     out = capsys.readouterr().out
@@ -102,42 +55,9 @@ def test_base_by_path_and_dry_run(tmp_path, capsys):
     assert "trial 3/4: optimizer.lr=0.0003 model.fusion.name=concat  ->  trial_003_lr=0.0003_fusion=concat" in out
     assert not os.path.exists(tmp_path / "s")
     with pytest.raises(SystemExit) as exit_info:
-        sweep_lib.main(["--help"])
+        command.main(["--help"])
     assert exit_info.value.code == 0
-    assert "python -m experiments.sweep --base av_digits --workdir" in capsys.readouterr().out
-
-
-def test_result_shapes():
-    def loop_result(accuracy):
-        return {"workdir": "/w", "step_time_s": 0.01, "num_parameters": 5,
-                "splits": {"test": {"accuracy": accuracy, "num_examples": 3, "per_class": {}}}}
-
-    assert [r["variant"] for r in sweep_lib.result_rows(loop_result(0.5))] == [""]
-    rows = sweep_lib.result_rows({"variants": {"early": loop_result(0.5), "late": loop_result(0.7)}, "table": ""})
-    assert [r["variant"] for r in rows] == ["early", "late"] and rows[1]["splits"] == {"test": {"accuracy": 0.7}}
-    tasks = {"multilabel": {"variants": {"early": loop_result(0.1)}, "table": ""},
-             "regression": {"variants": {"late": loop_result(0.2)}, "table": ""}}
-    assert [r["variant"] for r in sweep_lib.result_rows(tasks)] == ["multilabel/early", "regression/late"]
-    with pytest.raises(sweep_lib.SweepError, match=r"run\(\) returned a dict with keys \['rows', 'table'\]"):
-        sweep_lib.result_rows({"rows": [], "table": ""}, "fusion_benchmark")
-    assert sweep_lib.default_mode("validation/loss") == "min" and sweep_lib.default_mode("test/mae") == "min"
-    assert sweep_lib.default_mode("test/macro_f1") == "max"
-
-
-def test_swept_values_an_experiment_replaced_are_reported(tmp_path):
-    [trial] = _trials(["model.fusion.name=[concat]", "optimizer.lr=[0.01]"])
-    for variant, fusion in (("early", "concat"), ("late", "late")):  # What av_digits' variants set.
-        sweep_lib.config_lib.save(_config(f"model.fusion={{'name': '{fusion}'}}", "optimizer.lr=0.01"),
-                                  str(tmp_path / variant))
-    rows = [{"variant": v, "workdir": str(tmp_path / v)} for v in ("early", "late", "image")]  # image: not saved.
-    overridden = sweep_lib.overridden_values(trial, rows)
-    assert overridden == {"model.fusion.name": {"late": "late"}}
-    record = {"index": 1, "name": trial.name, "values": trial.values, "status": "done", "overridden": overridden,
-              "rows": [{"variant": v, "splits": {"test": {"accuracy": a}}} for v, a in (("early", 0.5), ("late", 0.6))]}
-    table = sweep_lib.leaderboard_markdown(sweep_lib.rank([record], "test/accuracy", "max"),
-                                           ["model.fusion.name", "optimizer.lr"], "test/accuracy")
-    assert "| 1 | 1 | late | concat (ran late) | 0.01 | 0.6000 |" in table
-    assert "| 2 | 1 | early | concat | 0.01 | 0.5000 |" in table
+    assert "python -m mmjax.sweep --base av_digits --workdir" in capsys.readouterr().out
 
 
 def _argv(workdir, data_dir, *extra):
@@ -148,21 +68,21 @@ def _argv(workdir, data_dir, *extra):
 
 @pytest.fixture
 def counted_runs(monkeypatch):
-    """The trial workdirs av_digits.run was called with."""
-    calls, original = [], av_digits.run
+    """The trial workdirs av_digits' run was called with."""
+    calls, original = [], experiment.runner(av_digits)
 
     def run(config, workdir):
         calls.append(os.path.basename(workdir))
         return original(config, workdir)
 
-    monkeypatch.setattr(av_digits, "run", run)
+    monkeypatch.setattr(av_digits, "run", run, raising=False)
     return calls
 
 
 @pytest.fixture(scope="module")
 def finished_sweep(av_digits_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sweep") / "sweep"
-    result = sweep_lib.main(_argv(workdir, av_digits_dir))
+    result = command.main(_argv(workdir, av_digits_dir))
     return workdir, result
 
 
@@ -203,7 +123,7 @@ def test_resume_skips_finished_trials_and_refuses_another_definition(finished_sw
     shutil.rmtree(workdir / "trial_002_lr=0.002")  # As if the sweep had stopped before the second trial.
     capsys.readouterr()
 
-    sweep_lib.main(_argv(workdir, av_digits_dir))
+    command.main(_argv(workdir, av_digits_dir))
     assert counted_runs == ["trial_002_lr=0.002"]
     out = capsys.readouterr().out
     assert "trial 1/2: finished earlier: validation/accuracy early " in out and "trial 2/2: optimizer.lr=0.002" in out
@@ -215,12 +135,12 @@ def test_resume_skips_finished_trials_and_refuses_another_definition(finished_sw
     record["trials"][1]["status"] = "running"
     json.dump(record, open(workdir / "sweep.json", "w"))
     counted_runs.clear()
-    sweep_lib.main(_argv(workdir, av_digits_dir))
+    command.main(_argv(workdir, av_digits_dir))
     assert counted_runs == ["trial_002_lr=0.002"] and "resumed from step 2" in capsys.readouterr().out
 
     # Another metric only re-ranks (mode inferred: lower loss is better).
     counted_runs.clear()
-    result = sweep_lib.main(_argv(workdir, av_digits_dir, "--metric", "validation/loss"))
+    result = command.main(_argv(workdir, av_digits_dir, "--metric", "validation/loss"))
     assert counted_runs == []
     losses = [row["metric"] for row in result["leaderboard"]]
     assert losses == sorted(losses) and json.load(open(workdir / "sweep.json"))["mode"] == "min"
@@ -231,12 +151,12 @@ def test_resume_skips_finished_trials_and_refuses_another_definition(finished_sw
     argv = _argv(workdir, av_digits_dir)
     argv[argv.index("optimizer.lr=[0.2,0.002]")] = "optimizer.lr=[0.2,0.02]"
     with pytest.raises(SystemExit) as exit_info:
-        sweep_lib.main(argv)
+        command.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "holds a different sweep; nothing was changed there" in err
     assert "grid: saved ['optimizer.lr=[0.2,0.002]'], now ['optimizer.lr=[0.2,0.02]']" in err
-    assert "python -m experiments.sweep --base av_digits" in err  # The saved command, to resume it.
+    assert "python -m mmjax.sweep --base av_digits" in err  # The saved command, to resume it.
     assert (workdir / "sweep.json").read_bytes() == before and sorted(os.listdir(workdir)) == listing
     assert counted_runs == []
 
@@ -246,8 +166,8 @@ def test_preempted_trial_stops_the_sweep_with_status_75(finished_sweep, av_digit
     workdir = tmp_path / "sweep"
     shutil.copytree(source, workdir)
     shutil.rmtree(workdir / "trial_002_lr=0.002")
-    monkeypatch.setattr(av_digits, "run", lambda config, workdir: {"preempted": True, "step": 1})
+    monkeypatch.setattr(av_digits, "run", lambda config, workdir: {"preempted": True, "step": 1}, raising=False)
     with pytest.raises(SystemExit) as exit_info:
-        sweep_lib.main(_argv(workdir, av_digits_dir))
+        command.main(_argv(workdir, av_digits_dir))
     assert exit_info.value.code == 75
     assert [t["status"] for t in json.load(open(workdir / "sweep.json"))["trials"]] == ["done", "preempted"]

@@ -1,0 +1,68 @@
+"""The sweep's command line, `python -m mmjax.sweep --base NAME --workdir DIR --grid 'KEY=[...]' ...` (see
+`mmjax.sweep`): checks everything before training, then runs or resumes the sweep."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import mmjax.sweep
+from mmjax import cli
+from mmjax import config as config_lib
+from mmjax.sweep.engine import PROG, Sweep, build_sweep, check_workdir, run_sweep
+from mmjax.sweep.grid import SweepError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description=mmjax.sweep.__doc__, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True, help="the sweep's directory: sweep.json, leaderboard.*, trials")
+    parser.add_argument("--base", help="experiment to sweep: a module name (av_digits) or experiments/NAME.py")
+    parser.add_argument("--grid", action="append", default=[], metavar="'KEY=[v1,v2,...]'",
+                        help="values of one config key (repeatable; the trials are the product of all grids)")
+    parser.add_argument("--random", type=int, metavar="N", help="sample N trials instead of the full product")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random (default 0)")
+    parser.add_argument("--metric", help="SPLIT/NAME ranking the trials (default: the base's checkpoint.best_metric)")
+    parser.add_argument("--mode", choices=("max", "min"), help="whether a higher or lower metric is better")
+    parser.add_argument("--preset", help="a named preset of the base experiment (its PRESETS), before --config")
+    parser.add_argument("--dry_run", action="store_true", help="print the trials and exit (nothing is written)")
+    cli.add_compile_cache_argument(parser, default=False)
+    cli.add_multiprocess_arguments(parser)
+    return parser
+
+
+def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Sweep, dict | None]:
+    """Parses and checks the command line and the workdir; exits with status 2 and a message on bad input."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    fixed = cli.split_overrides(rest, parser)
+    try:
+        sweep = build_sweep(args, fixed)
+        saved = None if args.dry_run else check_workdir(sweep, os.path.abspath(args.workdir))
+    except (SweepError, config_lib.ConfigError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    return args, sweep, saved
+
+
+def main(argv: Sequence[str] | None = None):
+    """Runs the command line `argv` (None: the process's, which may then re-execute itself, see `cli.start`).
+    Exits with status 2 for a bad sweep, 75 when a trial was preempted (run the same command again)."""
+    args, sweep, saved = parse(argv)
+    if args.dry_run:
+        print(f"sweep of {sweep.base}: {len(sweep.trials)} trial(s), ranked by {sweep.mode} {sweep.metric}")
+        for trial in sweep.trials:
+            print(f"trial {trial.index}/{len(sweep.trials)}: {trial.describe()}  ->  {trial.name}")
+        return {"trials": sweep.trials}
+    cli.start(args, argv)
+    from mmjax.train.preemption import PREEMPTED_EXIT_CODE
+
+    try:
+        result = run_sweep(sweep, args.workdir, saved)
+    except SweepError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if result.get("preempted"):
+        sys.exit(PREEMPTED_EXIT_CODE)
+    return result
