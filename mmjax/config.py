@@ -59,7 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
         log_every_steps=50,
         eval_every_steps=200,
         frozen=(),  # Regexes of parameter paths to lock (no gradient, no optimizer state), e.g. "encoders_image".
-        init_from={},  # Parameter subtree -> pretrained source, e.g. {"encoders_text": "minilm"}; see loop.py.
+        init_from={},  # Parameter subtree -> pretrained source, e.g. {"encoders_text": "minilm"}; see nn/pretrained.py.
         grad_accum_steps=1,  # Micro-batches per batch (gradients accumulated, one update); batch % (k*devices) == 0.
     )
     config.mesh = dict(

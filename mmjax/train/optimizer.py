@@ -9,6 +9,7 @@ import ml_collections
 import optax
 
 from mmjax.checks import check_number
+from mmjax.config import base_config
 from mmjax.registry import closest, invalid_choice
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -18,6 +19,11 @@ OPTIMIZER_KEYS = ("name", "lr", "schedule", "warmup_steps", "end_lr_factor", "we
                   "momentum", "nesterov", "grad_clip_norm")
 
 
+def with_defaults(optimizer: Mapping[str, Any]) -> dict[str, Any]:
+    """`config.optimizer` with every key it leaves out taken from `mmjax.config.base_config()`."""
+    return {**base_config().optimizer.to_dict(), **dict(optimizer)}
+
+
 def check_config(optimizer: Mapping[str, Any]) -> None:
     """`config.optimizer` has only known keys, a known name and schedule, and values in range (errors name the key)."""
     for key in sorted(optimizer):
@@ -25,6 +31,7 @@ def check_config(optimizer: Mapping[str, Any]) -> None:
             raise ValueError(
                 f"config optimizer.{key}: unknown key.{closest(key, OPTIMIZER_KEYS)} Valid: {', '.join(OPTIMIZER_KEYS)}"
             )
+    optimizer = with_defaults(optimizer)
     if optimizer.get("name") not in OPTIMIZERS:
         raise ValueError(invalid_choice("optimizer.name", optimizer.get("name"), OPTIMIZERS))
     if "schedule" in optimizer and optimizer["schedule"] not in SCHEDULES:
@@ -46,6 +53,7 @@ def weight_decay_mask(params):
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
     """Linear warm-up to `lr`, then cosine decay to `lr * end_lr_factor` at `num_steps` (or constant)."""
+    cfg = ml_collections.ConfigDict(with_defaults(cfg))
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"config optimizer.schedule={cfg.schedule!r}; valid: {', '.join(SCHEDULES)}")
     warmup = min(cfg.warmup_steps, max(num_steps - 1, 0))
@@ -61,7 +69,10 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> op
 
 
 def build_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-    """Gradient clipping (if `grad_clip_norm` > 0), then AdamW or SGD with momentum, with masked weight decay."""
+    """Gradient clipping (if `grad_clip_norm` > 0), then AdamW or SGD with momentum, with masked weight decay.
+
+    Keys missing from `cfg` take their `base_config()` values."""
+    cfg = ml_collections.ConfigDict(with_defaults(cfg))
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"config optimizer.name={cfg.name!r}; valid: {', '.join(OPTIMIZERS)}")
     schedule = learning_rate_schedule(cfg, num_steps)
