@@ -69,8 +69,8 @@ from collections.abc import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmjax.data import audio as audio_lib
-from mmjax.data.builder_utils import OfflineBuilder, prepare
+from mmjax.data import audio_features
+from mmjax.data.tfds_builder import OfflineBuilder, prepare
 from mmjax.data import espeak
 
 __all__ = [
@@ -232,7 +232,7 @@ def clean_utterance(speaker: str, digit: int, rate: int, pitch: int, pitch_range
     waveform, rate_hz = espeak.synthesize(
         DIGIT_NAMES[digit], voice=speaker, rate=rate, pitch=pitch, pitch_range=pitch_range
     )
-    speech = audio_lib.resample(waveform, rate_hz, SAMPLE_RATE).astype(np.float64)
+    speech = audio_features.resample(waveform, rate_hz, SAMPLE_RATE).astype(np.float64)
     loud = np.flatnonzero(np.abs(speech) > TRIM_THRESHOLD * np.abs(speech).max(initial=0.0))
     if loud.size == 0:
         raise RuntimeError(f"eSpeak NG produced silence for {DIGIT_NAMES[digit]!r} by {speaker!r}")
@@ -258,7 +258,7 @@ def noisy_clip(speech: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
     SNR, random gain. Returns ``(clip, snr_db)``."""
     centred = (CLIP_SAMPLES - speech.size) // 2
     offset = centred + int(rng.integers(-MAX_SHIFT, MAX_SHIFT + 1))
-    placed = audio_lib.fit_length(speech, CLIP_SAMPLES, offset=offset)
+    placed = audio_features.fit_length(speech, CLIP_SAMPLES, offset=offset)
     snr_db = float(rng.uniform(*SNR_DB))
     mix = placed + background_noise(rng, CLIP_SAMPLES) * 10.0 ** (-snr_db / 20.0)
     level = SPEECH_RMS * 10.0 ** (rng.uniform(*GAIN_DB) / 20.0) * 32767.0
@@ -297,7 +297,7 @@ def generate_examples(split: str) -> Iterator[tuple[int, dict]]:
 
 def log_mel(clip: np.ndarray) -> np.ndarray:
     """The default audio features of a clip: float32 ``[N_FRAMES, N_MELS]``."""
-    return audio_lib.log_mel_spectrogram(
+    return audio_features.log_mel_spectrogram(
         clip, SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, n_mels=N_MELS
     )
 

@@ -515,7 +515,7 @@ def _make_builder_class():
     """The TFDS builder class (defined lazily: importing TFDS is slow and `--help` should not need it)."""
     import tensorflow_datasets as tfds
 
-    from mmjax.data.builder_utils import OfflineBuilder
+    from mmjax.data.tfds_builder import OfflineBuilder
 
     version = VERSION  # The class body's own VERSION would shadow it.
 
@@ -606,7 +606,7 @@ class BuildPlan:
             if path:
                 rate, audio = read_audio(path)
                 if rate != self.sample_rate:
-                    from mmjax.data.audio import resample
+                    from mmjax.data.audio_features import resample
 
                     audio = resample(audio, rate, self.sample_rate)
             else:
@@ -670,7 +670,7 @@ class BuildReport:
 
 
 def _train_tokenizer(plan: BuildPlan, vocab_size: int, directory: str) -> str:
-    from mmjax.data.tokenizer import save_tokenizer, train_tokenizer
+    from mmjax.data.tokenization import save_tokenizer, train_tokenizer
 
     split = "train" if "train" in plan.rows_by_split else plan.splits[0]
     texts = [row.text for row in plan.rows_by_split[split] if row.text]

@@ -46,7 +46,7 @@ Recipes (registered in :mod:`mmjax.data.datasets`):
     Deterministic, and reading never scans mnist. ``image`` float32 [28, 28, 1] in [-1, 1]; ``audio`` float32
     [frames, n_mels]: the int16-valued samples / 32768, resampled from 8 kHz to ``data.audio.sample_rate``
     (default 8000), centred and cropped or zero-padded to ``data.audio.clip_seconds`` (default 1.0), log-mel
-    (:func:`mmjax.data.audio.log_mel_spectrogram`, ``data.audio.n_fft``/``hop_length``/``n_mels`` default
+    (:func:`mmjax.data.audio_features.log_mel_spectrogram`, ``data.audio.n_fft``/``hop_length``/``n_mels`` default
     256/160/40 like av_digits: 49 x 40 frames at 8 kHz), normalised per utterance (zero mean, unit std);
     ``label`` int32 (the digit).
 
@@ -476,7 +476,7 @@ def _text(value: Any) -> str:
 def _fixed_length_tokenizer(path: str, max_len: int):
     """A tokenizer that truncates and right-pads to ``max_len``, configured once and never changed again (so
     Grain's reader threads can share it)."""
-    from mmjax.data.tokenizer import load_tokenizer, pad_token
+    from mmjax.data.tokenization import load_tokenizer, pad_token
 
     if max_len < 1:
         raise ValueError(f"config data.max_len must be >= 1, got {max_len}")
@@ -739,7 +739,7 @@ class AvMnistPreprocess:
     def waveform(self, samples: Any) -> np.ndarray:
         """float32 [clip samples] at ``sample_rate``: 16-bit PCM values / 32768, resampled, centred, cropped or
         zero-padded."""
-        from mmjax.data.audio import fit_length, resample
+        from mmjax.data.audio_features import fit_length, resample
 
         wave = np.asarray(samples).astype(np.float32).reshape(-1) / 32768.0
         wave = resample(wave, self.source_rate, self.sample_rate)
@@ -747,7 +747,7 @@ class AvMnistPreprocess:
         return fit_length(wave, n, offset=(n - len(wave)) // 2)
 
     def __call__(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        from mmjax.data.audio import log_mel_spectrogram
+        from mmjax.data.audio_features import log_mel_spectrogram
 
         mel = log_mel_spectrogram(
             self.waveform(example["audio"]), self.sample_rate,

@@ -201,7 +201,7 @@ class AvDigitsPreprocess:
     target: str = "digit"
 
     def __call__(self, example: Mapping[str, Any]) -> Example:
-        from mmjax.data.audio import log_mel_spectrogram
+        from mmjax.data.audio_features import log_mel_spectrogram
 
         image = np.asarray(example["image"], np.float32) / 127.5 - 1.0
         waveform = np.asarray(example["audio"], np.float32) / 32768.0

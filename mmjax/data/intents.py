@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmjax.data.builder_utils import OfflineBuilder, prepare
+from mmjax.data.tfds_builder import OfflineBuilder, prepare
 from mmjax.data.datasets import Dataset, build_on_process_zero
 
 __all__ = [
@@ -520,7 +520,7 @@ class IntentsPreprocess:
     """``{"text", "label"}`` -> ``{"text": int32 [max_len] token ids (right-padded), "label": int32}``. Picklable."""
 
     def __init__(self, tokenizer_path: str, max_len: int):
-        from mmjax.data.tokenizer import TextEncoderOp
+        from mmjax.data.tokenization import TextEncoderOp
 
         self.encode = TextEncoderOp(tokenizer_path, max_len)
 

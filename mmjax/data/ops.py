@@ -563,7 +563,7 @@ class Resample(Op):
         return dataclasses.replace(self, from_rate=source), dataclasses.replace(context, sample_rate=self.rate)
 
     def __call__(self, value):
-        from mmjax.data.audio import resample
+        from mmjax.data.audio_features import resample
 
         return resample(_waveform(value, "resample"), self.from_rate, self.rate)
 
@@ -591,7 +591,7 @@ class CropOrPad(Op):
             raise ValueError(f"crop_or_pad: align={self.align!r}; valid: start, center, end")
 
     def __call__(self, value):
-        from mmjax.data.audio import fit_length
+        from mmjax.data.audio_features import fit_length
 
         audio = np.asarray(value)
         if audio.ndim == 0:
@@ -614,7 +614,7 @@ class RandomCropOrPad(RandomOp):
         return (CropOrPad(self.length, "center"),)
 
     def __call__(self, value, rng):
-        from mmjax.data.audio import fit_length
+        from mmjax.data.audio_features import fit_length
 
         audio = np.asarray(value)
         if audio.ndim == 0:
@@ -627,7 +627,7 @@ class RandomCropOrPad(RandomOp):
 @register("log_mel")
 @dataclasses.dataclass(frozen=True)
 class LogMel(Op):
-    """Waveform -> float32 log-mel spectrogram `[frames, n_mels]` (mmjax.data.audio.log_mel_spectrogram) at the
+    """Waveform -> float32 log-mel spectrogram `[frames, n_mels]` (mmjax.data.audio_features.log_mel_spectrogram) at the
     sample rate in effect; `n_fft` defaults to 25 ms rounded up to a power of two, `hop_length` to 10 ms."""
 
     n_mels: int = 40
@@ -649,13 +649,13 @@ class LogMel(Op):
             raise ValueError("log_mel: the sample rate is unknown here; give it as log_mel(sample_rate=...)")
         n_fft = self.n_fft or 2 ** math.ceil(math.log2(0.025 * rate))
         hop = self.hop_length or max(1, rate // 100)
-        from mmjax.data.audio import mel_filterbank
+        from mmjax.data.audio_features import mel_filterbank
 
         mel_filterbank(rate, n_fft, self.n_mels, float(self.fmin), self.fmax)  # Checks fmin/fmax now, not per example.
         return dataclasses.replace(self, sample_rate=rate, n_fft=n_fft, hop_length=hop), context
 
     def __call__(self, value):
-        from mmjax.data.audio import log_mel_spectrogram
+        from mmjax.data.audio_features import log_mel_spectrogram
 
         return log_mel_spectrogram(_waveform(value, "log_mel"), self.sample_rate, n_fft=self.n_fft,
                                    hop_length=self.hop_length, n_mels=self.n_mels, fmin=float(self.fmin),

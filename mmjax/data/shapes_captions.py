@@ -107,9 +107,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from mmjax.data.builder_utils import OfflineBuilder, prepare
+from mmjax.data.tfds_builder import OfflineBuilder, prepare
 from mmjax.data.datasets import Dataset, build_on_process_zero
-from mmjax.data.tokenizer import SPECIAL_TOKENS, encode_batch, load_tokenizer
+from mmjax.data.tokenization import SPECIAL_TOKENS, encode_batch, load_tokenizer
 
 __all__ = [
     "CAPTIONS_PER_SCENE",
@@ -708,7 +708,7 @@ def build_tokenizer() -> Tokenizer:
     """This dataset's word-level tokenizer: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, then :func:`vocabulary`.
 
     Lowercases, splits on whitespace and punctuation (BERT's pre-tokenizer) and wraps texts as [CLS] ... [SEP],
-    like the wordpiece tokenizers of :mod:`mmjax.data.tokenizer`. Deterministic: no training.
+    like the wordpiece tokenizers of :mod:`mmjax.data.tokenization`. Deterministic: no training.
     """
     specials = SPECIAL_TOKENS["wordpiece"]
     vocab = {token: i for i, token in enumerate(specials + vocabulary())}

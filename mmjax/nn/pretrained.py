@@ -443,7 +443,7 @@ def load_minilm(directory: str | None = None, **overrides: Any) -> PretrainedTex
     `directory` defaults to `minilm_directory()`. The pooled output is the sentence-transformers embedding before
     L2 normalisation (`embed_sentences` normalises).
     """
-    from mmjax.data.tokenizer import load_tokenizer
+    from mmjax.data.tokenization import load_tokenizer
 
     directory = directory or minilm_directory()
     config, params = load_hf_bert(directory, pool="mean", **overrides)
@@ -473,7 +473,7 @@ def embed_sentences(
 ) -> np.ndarray:
     """all-MiniLM-L6-v2 sentence embeddings `float32 [N, 384]`: mean over real tokens, L2-normalised, texts
     truncated to `max_len` tokens (256, as sentence-transformers does). Matches sentence-transformers to ~1e-6."""
-    from mmjax.data.tokenizer import encode_batch
+    from mmjax.data.tokenization import encode_batch
 
     if isinstance(sentences, str):
         raise TypeError("embed_sentences expects a sequence of sentences, got one string; wrap it in a list")

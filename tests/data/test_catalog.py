@@ -28,7 +28,7 @@ from tensorflow_datasets.core import splits as splits_lib
 
 from mmjax.data import catalog, pipeline
 from mmjax.data.datasets import get_dataset
-from mmjax.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from mmjax.data.tokenization import load_tokenizer, save_tokenizer, train_tokenizer
 
 N = 20  # Mock examples per split (mock_data serves the same number for every split).
 SPEAKERS = ("jackson", "theo")

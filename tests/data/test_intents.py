@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mmjax.data import intents  # Registers the "intents" dataset entry.
-from mmjax.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from mmjax.data.tokenization import load_tokenizer, save_tokenizer, train_tokenizer
 from mmjax.registry import DATASETS
 from tests.conftest import REPO_ROOT
 

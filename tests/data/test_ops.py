@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax.data import audio as audio_lib
+from mmjax.data import audio_features
 from mmjax.data import ops, pipeline
 from mmjax.data.datasets import Dataset
 
@@ -131,7 +131,7 @@ def test_log_mel_standardize_and_spec_augment():
     wave = _tone(440, 8000, 1.0)
     mel = op("log_mel(n_mels=20)", ops.Context(sample_rate=8000))(wave)
     # Defaults: 25 ms -> n_fft 256, hop 10 ms = 80 samples.
-    expected = audio_lib.log_mel_spectrogram(wave, 8000, n_fft=256, hop_length=80, n_mels=20)
+    expected = audio_features.log_mel_spectrogram(wave, 8000, n_fft=256, hop_length=80, n_mels=20)
     np.testing.assert_array_equal(mel, expected)
     assert mel.shape == (1 + (8000 - 256) // 80, 20) and mel.dtype == np.float32
     standard = op("standardize")(mel)
@@ -154,7 +154,7 @@ def test_log_mel_standardize_and_spec_augment():
 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
-    from mmjax.data.tokenizer import save_tokenizer, train_tokenizer
+    from mmjax.data.tokenization import save_tokenizer, train_tokenizer
 
     texts = ["a red circle", "a blue square to the left of a red circle", "two green crosses"] * 5
     return save_tokenizer(train_tokenizer(texts, vocab_size=100), str(tmp_path_factory.mktemp("tok")))

@@ -1,4 +1,5 @@
-"""Tokenizers: training (WordPiece, BPE), save/load round trip, padding/truncation, special tokens, pipeline op."""
+"""Tokenisation (mmjax.data.tokenization): training (WordPiece, BPE), save/load round trip, padding/truncation,
+special tokens, pipeline op."""
 
 import pickle
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models
 
-from mmjax.data.tokenizer import (
+from mmjax.data.tokenization import (
     SPECIAL_TOKENS,
     TextEncoderOp,
     encode_batch,
