@@ -13,7 +13,7 @@ TensorFlow and internet access::
 (copy ``DIR`` to the training machine if needed and set ``data.data_dir=DIR``). Building coco_captions downloads
 COCO 2014 (about 19 GB) and Karpathy's splits; spoken_digit reads wav files with pydub.
 
-Recipes (registered in :mod:`mmjax.data.datasets`):
+Recipes (each registered in the dataset registry by its function here):
 
 ``coco_captions`` (contrastive, modalities image + text)
     TFDS ``coco_captions/2014``: COCO 2014 images with Karpathy & Li's splits ``train`` (82,783), ``val``
@@ -70,12 +70,16 @@ import importlib.util
 import json
 import os
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
 
-from mmjax.data.datasets import Dataset
+from mmjax.data.audio_features import fit_length, log_mel_spectrogram, resample, standardize
+from mmjax.data.core import Dataset
+from mmjax.data.tfds_builder import split_sizes
+from mmjax.registry import DATASETS
 
 __all__ = [
     "AvMnistPreprocess",
@@ -311,7 +315,7 @@ class CatalogData:
 
     @property
     def splits(self) -> dict[str, int]:
-        return {name: info.num_examples for name, info in self.builder.info.splits.items()}
+        return split_sizes(self.builder)
 
     def source(self, split: str) -> CatalogSource:
         """The random-access source of ``split``: TFDS's data source (``len``, ``[i]`` -> dict of numpy values),
@@ -573,6 +577,7 @@ def coco_category_names(names: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+@DATASETS.register("coco_captions")
 def coco_captions(data_config: ml_collections.ConfigDict) -> Dataset:
     """COCO 2014 captions (Karpathy splits) for contrastive image-text training; see the module docstring.
 
@@ -638,6 +643,7 @@ class CocoObjectsAugment:
         }
 
 
+@DATASETS.register("coco_objects")
 def coco_objects(data_config: ml_collections.ConfigDict) -> Dataset:
     """COCO 2014 (coco_captions data): image + caption -> multi-hot of the 80 object categories (multilabel).
 
@@ -739,25 +745,21 @@ class AvMnistPreprocess:
     def waveform(self, samples: Any) -> np.ndarray:
         """float32 [clip samples] at ``sample_rate``: 16-bit PCM values / 32768, resampled, centred, cropped or
         zero-padded."""
-        from mmjax.data.audio_features import fit_length, resample
-
         wave = np.asarray(samples).astype(np.float32).reshape(-1) / 32768.0
         wave = resample(wave, self.source_rate, self.sample_rate)
         n = int(round(self.clip_seconds * self.sample_rate))
         return fit_length(wave, n, offset=(n - len(wave)) // 2)
 
     def __call__(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        from mmjax.data.audio_features import log_mel_spectrogram
-
         mel = log_mel_spectrogram(
             self.waveform(example["audio"]), self.sample_rate,
             n_fft=self.n_fft, hop_length=self.hop_length, n_mels=self.n_mels,
         )
-        mel = (mel - mel.mean()) / (mel.std() + 1e-5)
         image = np.asarray(example["image"], np.float32).reshape(28, 28, 1) / 127.5 - 1.0
-        return {"image": image, "audio": mel.astype(np.float32), "label": np.int32(example["label"])}
+        return {"image": image, "audio": standardize(mel), "label": np.int32(example["label"])}
 
 
+@DATASETS.register("av_mnist")
 def av_mnist(data_config: ml_collections.ConfigDict) -> Dataset:
     """AV-MNIST: mnist images paired with spoken_digit recordings of the same digit; see the module docstring.
 

@@ -53,8 +53,9 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmjax.data.tfds_builder import OfflineBuilder, prepare
-from mmjax.data.datasets import Dataset, build_on_process_zero
+from mmjax.data.core import Dataset, build_on_process_zero
+from mmjax.data.tfds_builder import OfflineBuilder, prepare, split_sizes
+from mmjax.registry import DATASETS
 
 __all__ = [
     "INTENTS",
@@ -69,6 +70,7 @@ __all__ = [
     "TextSource",
     "Utterance",
     "build",
+    "dataset",
     "generate_examples",
     "generate_split",
     "split_templates",
@@ -408,7 +410,7 @@ def _generate_all(sizes: tuple[tuple[str, int], ...]) -> dict[str, tuple[Utteran
     out = {}
     for split_index, split in enumerate(SPLITS):
         examples: list[Utterance] = []
-        for label, (intent, count) in enumerate(zip(INTENTS, _per_intent(dict(sizes)[split]))):
+        for label, (intent, count) in enumerate(zip(INTENTS, _per_intent(dict(sizes)[split]), strict=False)):
             templates = assignment[split][intent]
             rng = np.random.default_rng((SEED, _STREAM_FILL, split_index, label))
             # Each template is used equally often (up to one), in a random order.
@@ -531,6 +533,7 @@ class IntentsPreprocess:
         return f"IntentsPreprocess({self.encode!r})"
 
 
+@DATASETS.register("intents")
 def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     """Intents: 8 assistant-command intents, test phrasings held out of training (see mmjax.data.intents).
 
@@ -545,7 +548,7 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
         name="intents",
         source=lambda split: TextSource(builder.as_data_source(split=split)),
         preprocess=preprocess,
-        splits={name: info.num_examples for name, info in builder.info.splits.items()},
+        splits=split_sizes(builder),
         num_classes=label.num_classes,
         modalities=("text",),
         class_names=tuple(label.names),

@@ -107,9 +107,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from mmjax.data.tfds_builder import OfflineBuilder, prepare
-from mmjax.data.datasets import Dataset, build_on_process_zero
+from mmjax.data.core import Dataset, build_on_process_zero
+from mmjax.data.tfds_builder import OfflineBuilder, prepare, split_sizes
 from mmjax.data.tokenization import SPECIAL_TOKENS, encode_batch, load_tokenizer
+from mmjax.registry import DATASETS
 
 __all__ = [
     "CAPTIONS_PER_SCENE",
@@ -319,9 +320,10 @@ def relation_holds(a: SceneObject, b: SceneObject, relation: str) -> bool:
 def caption_holds(caption: Caption, objects: Sequence[SceneObject]) -> bool:
     """Whether some assignment of the caption's mentions to distinct objects matches every attribute and relation."""
     for chosen in itertools.permutations(objects, len(caption.mentions)):
-        if any(o.mention != m for o, m in zip(chosen, caption.mentions)):
+        if any(o.mention != m for o, m in zip(chosen, caption.mentions, strict=False)):
             continue
-        if all(relation_holds(chosen[i], chosen[j], r) for (i, j), r in zip(caption.relation_pairs, caption.relations)):
+        relations = zip(caption.relation_pairs, caption.relations, strict=False)
+        if all(relation_holds(chosen[i], chosen[j], r) for (i, j), r in relations):
             return True
     return False
 
@@ -455,13 +457,13 @@ def _draw_objects(rng: np.random.Generator, split: str) -> tuple[SceneObject, ..
     shifts = rng.uniform(-1.0, 1.0, size=(count, 2)).tolist()
     tints = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=(count, 3)).tolist()
     objects = []
-    for k, ((colour, shape), cell) in enumerate(zip(pairs, cells.tolist())):
+    for k, ((colour, shape), cell) in enumerate(zip(pairs, cells.tolist(), strict=False)):
         size = ("large" if k == large else "small") if count > 1 else SIZES[int(rng.integers(2))]
         jitter = LARGE_JITTER if size == "large" else SMALL_JITTER
         row, col = divmod(cell, GRID)
         x = round(_cell_centre(col) + jitter * shifts[k][0], 4)
         y = round(_cell_centre(row) + jitter * shifts[k][1], 4)
-        rgb = tuple(min(255, max(0, c + t)) for c, t in zip(COLOUR_RGB[colour], tints[k]))
+        rgb = tuple(min(255, max(0, c + t)) for c, t in zip(COLOUR_RGB[colour], tints[k], strict=False))
         objects.append(SceneObject(shape, colour, size, row, col, x, y, rgb))
     # Subject first (the large one, else the only one), then reading order.
     objects.sort(key=lambda o: (o.size != "large", o.row, o.col))
@@ -613,7 +615,7 @@ def generate_examples(
     """Yields ``(index, features)`` for one split, in its (seeded) order; images are PNG bytes."""
     scenes = generate_split(split, sizes)
     images = render(scenes, image_size, noise_stream=SPLITS.index(split))
-    for index, (scene, image) in enumerate(zip(scenes, images)):
+    for index, (scene, image) in enumerate(zip(scenes, images, strict=False)):
         subject = scene.objects[0]
         yield index, {
             "image": _png(image),
@@ -683,7 +685,7 @@ def build(
     """
     builder = ShapesCaptions(data_dir=data_dir, sizes=sizes, image_size=image_size)
     if builder.is_prepared() and sizes is not None:
-        built = {name: info.num_examples for name, info in builder.info.splits.items()}
+        built = split_sizes(builder)
         if built != _resolve_sizes(sizes):
             raise ValueError(
                 f"shapes_captions is already built in {builder.data_dir} with sizes {built}, not "
@@ -836,6 +838,7 @@ class ShapesCaptionsAugment:
         return {"image": example["image"], "text": np.asarray(example["text"])[choice], "label": example["label"]}
 
 
+@DATASETS.register("shapes_captions")
 def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     """Shapes-Captions for contrastive image-text training (see mmjax.data.shapes_captions for the batch contract).
 
@@ -850,7 +853,7 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
         name="shapes_captions",
         source=lambda split: ShapesSource(builder.as_data_source(split=split)),
         preprocess=preprocess,
-        splits={name: info.num_examples for name, info in builder.info.splits.items()},
+        splits=split_sizes(builder),
         num_classes=len(SHAPES),
         modalities=("image", "text"),
         class_names=SHAPES,

@@ -1,4 +1,5 @@
-"""Tests for the numpy audio front end (mmjax.data.audio_features): mel scale, log-mel, resampling, lengths."""
+"""Tests for the numpy audio front end (mmjax.data.audio_features): mel scale, log-mel, resampling, lengths,
+standardisation."""
 
 import numpy as np
 import pytest
@@ -164,3 +165,20 @@ def test_fit_length_pads_crops_and_shifts():
 def test_fit_length_errors(n, offset):
     with pytest.raises(ValueError):
         audio_features.fit_length(np.ones(3), n, offset=offset)
+
+
+# --- standardize and the window ----------------------------------------------------------
+
+
+def test_standardize_gives_float32_with_zero_mean_and_unit_std():
+    x = np.arange(12, dtype=np.int16).reshape(3, 4)
+    out = audio_features.standardize(x)
+    assert out.dtype == np.float32 and out.shape == (3, 4)
+    assert abs(float(out.mean())) < 1e-6 and abs(float(out.std()) - 1.0) < 1e-4
+    np.testing.assert_array_equal(audio_features.standardize(np.ones(5)), np.zeros(5))  # eps: no division by 0.
+
+
+def test_hann_window_is_periodic_cached_and_read_only():
+    window = audio_features.hann_window(8)
+    assert window is audio_features.hann_window(8) and window.dtype == np.float32 and not window.flags.writeable
+    np.testing.assert_allclose(window, 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(8) / 8), atol=1e-7)

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax.data import audio_features
-from mmjax.data import ops, pipeline
-from mmjax.data.datasets import Dataset
+from mmjax.data import audio_features, ops, pipeline
+from mmjax.data.core import Dataset
 
 
 def op(spec, context=None):
@@ -60,7 +59,7 @@ def test_resize_and_crops():
     assert padded.shape == (8, 10, 3) and np.all(padded[0] == 0) and np.array_equal(padded[1:7], IMAGE)
     crop = op("random_crop(4)")
     out = crop(IMAGE, np.random.default_rng(3))
-    windows = [IMAGE[t : t + 4, l : l + 4] for t in range(3) for l in range(7)]
+    windows = [IMAGE[t : t + 4, c : c + 4] for t in range(3) for c in range(7)]
     assert any(np.array_equal(out, w) for w in windows)
     with pytest.raises(ValueError, match="smaller than the crop 8x8"):
         op("center_crop(8)")(IMAGE)

@@ -48,7 +48,6 @@ a 10 ms hop). `tokenize` uses `tokenizer` ("minilm", a tokenizer.json path) or t
 Ops are frozen dataclasses and the composed callables hold only them, so everything pickles (Grain workers).
 """
 
-
 from mmjax.data.ops import array_ops, audio_ops, image_ops, label_ops, text_ops  # noqa: F401  (register the ops)
 from mmjax.data.ops.chains import PRIVATE_PREFIX, Augment, KeyPlan, Preprocess, compose, parse, plan
 from mmjax.data.ops.op_base import Context, Op, PreprocessError, RandomOp

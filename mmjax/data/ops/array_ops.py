@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 
+from mmjax.data.audio_features import standardize
 from mmjax.data.ops.op_base import Op, register
 
 
@@ -17,8 +18,7 @@ class Standardize(Op):
     eps: float = 1e-5
 
     def __call__(self, value):
-        x = np.asarray(value, np.float32)
-        return (x - x.mean()) / (x.std() + np.float32(self.eps))
+        return standardize(value, self.eps)
 
 
 @register("cast")

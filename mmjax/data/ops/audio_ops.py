@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from mmjax.data.audio_features import fit_length, log_mel_spectrogram, mel_filterbank, resample
+from mmjax.data.core import is_int
 from mmjax.data.ops.op_base import Op, RandomOp, describe, positive_arg, register
 
 
@@ -40,8 +42,6 @@ class Resample(Op):
         return dataclasses.replace(self, from_rate=source), dataclasses.replace(context, sample_rate=self.rate)
 
     def __call__(self, value):
-        from mmjax.data.audio_features import resample
-
         return resample(_waveform(value, "resample"), self.from_rate, self.rate)
 
 
@@ -68,8 +68,6 @@ class CropOrPad(Op):
             raise ValueError(f"crop_or_pad: align={self.align!r}; valid: start, center, end")
 
     def __call__(self, value):
-        from mmjax.data.audio_features import fit_length
-
         audio = np.asarray(value)
         if audio.ndim == 0:
             raise ValueError(f"crop_or_pad expects an array with a time axis, got {describe(value)}")
@@ -91,8 +89,6 @@ class RandomCropOrPad(RandomOp):
         return (CropOrPad(self.length, "center"),)
 
     def __call__(self, value, rng):
-        from mmjax.data.audio_features import fit_length
-
         audio = np.asarray(value)
         if audio.ndim == 0:
             raise ValueError(f"random_crop_or_pad expects an array with a time axis, got {describe(value)}")
@@ -126,14 +122,10 @@ class LogMel(Op):
             raise ValueError("log_mel: the sample rate is unknown here; give it as log_mel(sample_rate=...)")
         n_fft = self.n_fft or 2 ** math.ceil(math.log2(0.025 * rate))
         hop = self.hop_length or max(1, rate // 100)
-        from mmjax.data.audio_features import mel_filterbank
-
         mel_filterbank(rate, n_fft, self.n_mels, float(self.fmin), self.fmax)  # Checks fmin/fmax now, not per example.
         return dataclasses.replace(self, sample_rate=rate, n_fft=n_fft, hop_length=hop), context
 
     def __call__(self, value):
-        from mmjax.data.audio_features import log_mel_spectrogram
-
         return log_mel_spectrogram(_waveform(value, "log_mel"), self.sample_rate, n_fft=self.n_fft,
                                    hop_length=self.hop_length, n_mels=self.n_mels, fmin=float(self.fmin),
                                    fmax=self.fmax)
@@ -155,7 +147,7 @@ class SpecAugment(RandomOp):
     def __post_init__(self):
         for field in ("freq_masks", "freq_width", "time_masks", "time_width"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"spec_augment: {field} must be an int >= 0, got {value!r}")
         if self.fill != "mean" and (isinstance(self.fill, bool) or not isinstance(self.fill, (int, float))):
             raise ValueError(f"spec_augment: fill must be 'mean' or a number, got {self.fill!r}")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from mmjax.data.core import mask_key
 from mmjax.data.ops.op_base import Context, Op, PreprocessError, describe
 from mmjax.registry import PREPROCESS_OPS
 
@@ -156,7 +158,7 @@ def _run(ops: Sequence[Op], value, key: str, rng: np.random.Generator | None = N
 
 def _absent(example: Mapping[str, Any], key: str) -> bool:
     """True when the example marks `key` missing (`<key>_mask` == 0)."""
-    mask = example.get(f"{key}_mask")
+    mask = example.get(mask_key(key))
     return mask is not None and float(np.asarray(mask)) == 0.0
 
 

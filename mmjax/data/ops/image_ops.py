@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from mmjax.data.core import is_int
 from mmjax.data.ops.op_base import Op, RandomOp, describe, positive_arg, register
 
 
@@ -74,7 +75,7 @@ def _pad_image(image: np.ndarray, pad: int) -> np.ndarray:
 
 def _check_crop_args(op: str, size: Any, pad: Any) -> None:
     _hw(op, size)
-    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+    if not is_int(pad) or pad < 0:
         raise ValueError(f"{op}: pad must be an int >= 0, got {pad!r}")
 
 
@@ -327,7 +328,7 @@ class RandAugment(RandomOp):
     magnitude: float = 9
 
     def __post_init__(self):
-        if isinstance(self.num_ops, bool) or not isinstance(self.num_ops, int) or self.num_ops < 0:
+        if not is_int(self.num_ops) or self.num_ops < 0:
             raise ValueError(f"randaugment: num_ops must be an int >= 0, got {self.num_ops!r}")
         if isinstance(self.magnitude, bool) or not isinstance(self.magnitude, (int, float)) or not (
                 0 <= self.magnitude <= 10):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import numpy as np
 
+from mmjax.data.core import positive_int
 from mmjax.registry import PREPROCESS_OPS
 
 
@@ -36,7 +38,7 @@ class Op(abc.ABC):
     name: ClassVar[str] = ""
     random: ClassVar[bool] = False
 
-    def bind(self, context: Context) -> tuple["Op", Context]:
+    def bind(self, context: Context) -> tuple[Op, Context]:
         """Fills defaults from the context and checks them; returns the bound op and the context after it."""
         return self, context
 
@@ -79,9 +81,7 @@ def register(name: str) -> Callable[[type], type]:
 
 def positive_arg(op: str, field: str, value: Any) -> int:
     """An op argument that must be a positive int (the error names the op and the argument)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{op}: {field} must be a positive int, got {value!r}")
-    return int(value)
+    return positive_int(f"{op}: {field}", value)
 
 
 def describe(value) -> str:

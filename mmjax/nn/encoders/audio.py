@@ -193,7 +193,8 @@ class LogMelFrontend(nn.Module):
 
     @nn.compact
     def __call__(self, waveform: jax.Array, *, train: bool = False) -> jax.Array:
-        from mmjax.data.audio_features import _hann, mel_filterbank
+        from mmjax.data.audio_features import hann_window as _hann
+        from mmjax.data.audio_features import mel_filterbank
 
         del train
         filters = mel_filterbank(self.sample_rate, self.n_fft, self.n_mels, self.fmin, self.fmax)
