@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 
 from mmjax.data.core import mask_key
+from mmjax.data.tokenization import save_tokenizer, tokenizer_path, train_tokenizer
 
 NAME = "files"  # TFDS dataset name: DIR/files/<VERSION>/.
 VERSION = "1.0.0"
@@ -674,8 +675,6 @@ class BuildReport:
 
 
 def _train_tokenizer(plan: BuildPlan, vocab_size: int, directory: str) -> str:
-    from mmjax.data.tokenization import save_tokenizer, train_tokenizer
-
     split = "train" if "train" in plan.rows_by_split else plan.splits[0]
     texts = [row.text for row in plan.rows_by_split[split] if row.text]
     if not texts:
@@ -711,8 +710,6 @@ def build(manifest: str, out: str, options: Options | None = None, **kwargs) -> 
 
     tokenizer = None  # What the dataset's `tokenize` uses by default ("train": set once trained).
     if "text" in modalities and options.tokenizer not in ("train", "none"):
-        from mmjax.data.intents import tokenizer_path
-
         try:
             tokenizer = options.tokenizer if options.tokenizer == "minilm" else os.path.abspath(
                 tokenizer_path(options.tokenizer))

@@ -65,7 +65,6 @@ restores the builder from the prepared files (``dataset_info.json``, ``features.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import json
 import os
@@ -79,6 +78,7 @@ import numpy as np
 from mmjax.data.audio_features import fit_length, log_mel_spectrogram, resample, standardize
 from mmjax.data.core import Dataset
 from mmjax.data.tfds_builder import split_sizes
+from mmjax.data.tokenization import as_text, encode_texts, tokenizer_path
 from mmjax.registry import DATASETS
 
 __all__ = [
@@ -106,7 +106,6 @@ __all__ = [
     "coco_category_names",
     "coco_objects",
     "data_root",
-    "encode_texts",
     "find_prepared",
     "first_captions",
     "fsdd_split",
@@ -472,44 +471,14 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return image[..., :3]
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
-
-
-@functools.lru_cache(maxsize=8)
-def _fixed_length_tokenizer(path: str, max_len: int):
-    """A tokenizer that truncates and right-pads to ``max_len``, configured once and never changed again (so
-    Grain's reader threads can share it)."""
-    from mmjax.data.tokenization import load_tokenizer, pad_token
-
-    if max_len < 1:
-        raise ValueError(f"config data.max_len must be >= 1, got {max_len}")
-    tokenizer = load_tokenizer(path)
-    pad, pad_id = pad_token(tokenizer)
-    tokenizer.enable_truncation(max_length=max_len)
-    tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_token=pad, length=max_len)
-    return tokenizer
-
-
-def encode_texts(tokenizer_path: str, texts: Sequence[str], max_len: int) -> np.ndarray:
-    """int32 [len(texts), max_len] ids ([CLS] ... [SEP], truncated, right-padded with the pad id)."""
-    texts = [_text(t) for t in texts]
-    if not texts:
-        return np.zeros((0, max_len), np.int32)
-    encodings = _fixed_length_tokenizer(tokenizer_path, int(max_len)).encode_batch(texts)
-    return np.asarray([e.ids for e in encodings], np.int32).reshape(len(texts), max_len)
-
-
 def _tokenizer_path(data_config: ml_collections.ConfigDict) -> str:
-    from mmjax.data.intents import tokenizer_path
-
     return tokenizer_path(str(data_config.get("tokenizer", TOKENIZER) or TOKENIZER))
 
 
 def first_captions(captions: Any, k: int) -> list[str]:
     """The first ``k`` caption texts of a coco_captions example's ``captions`` (the last repeated when fewer)."""
     texts = captions["text"] if isinstance(captions, Mapping) else captions
-    texts = [_text(t) for t in np.asarray(texts, dtype=object).reshape(-1)][:k] or [""]
+    texts = [as_text(t) for t in np.asarray(texts, dtype=object).reshape(-1)][:k] or [""]
     return texts + [texts[-1]] * (k - len(texts))
 
 
@@ -674,10 +643,10 @@ AV_MNIST_SPLITS = ("train", "test")
 def fsdd_split(filename: str) -> str:
     """FSDD's official split of a recording ``{digit}_{speaker}_{index}.wav``: "test" for index 0-4, else
     "train"."""
-    match = FSDD_FILENAME.match(_text(filename))
+    match = FSDD_FILENAME.match(as_text(filename))
     if match is None:
         raise ValueError(
-            f"spoken_digit file name {_text(filename)!r} does not follow FSDD's {{digit}}_{{speaker}}_{{index}}.wav"
+            f"spoken_digit file name {as_text(filename)!r} does not follow FSDD's {{digit}}_{{speaker}}_{{index}}.wav"
         )
     return "test" if int(match.group(3)) < FSDD_TEST_RECORDINGS else "train"
 
@@ -688,7 +657,7 @@ def spoken_digit_pools(source, seed: int = SEED) -> dict[str, dict[int, np.ndarr
     rows: dict[str, dict[int, list[tuple[str, int]]]] = {s: {d: [] for d in range(10)} for s in AV_MNIST_SPLITS}
     for index in range(len(source)):
         example = source[index]
-        filename = _text(example["audio/filename"])
+        filename = as_text(example["audio/filename"])
         rows[fsdd_split(filename)][int(example["label"])].append((filename, index))
     pools: dict[str, dict[int, np.ndarray]] = {}
     for split_index, split in enumerate(AV_MNIST_SPLITS):

@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from mmjax.data import shapes_captions as sc
 from mmjax.data.pipeline import input_spec
+from mmjax.data.tokenization import encode_texts
 from tests.conftest import REPO_ROOT
 
 SIZES = {"train": 160, "validation": 40, "test": 80, "test_seen": 40}
@@ -332,12 +333,14 @@ def test_own_tokenizer_is_deterministic_and_covers_every_text(examples):
         assert first.token_to_id(token) == i
     texts = [t for e in _all(examples) for t in e["captions"] + e["negatives"]]
     texts += [p for prompts in sc.class_prompts() + sc.colour_prompts() for p in prompts]
-    ids = sc.encode_texts(None, texts)
+    assert sc.tokenizer_source() is sc.build_tokenizer  # "" (the default): the dataset's own tokenizer.
+    ids = encode_texts(sc.tokenizer_source(), texts, sc.MAX_LEN)
     assert ids.shape == (len(texts), sc.MAX_LEN) and ids.dtype == np.int32
     assert not (ids == 1).any()  # No [UNK].
     assert (ids[:, 0] == 2).all() and ((ids == 3).sum(axis=1) == 1).all()  # [CLS] ... [SEP], never truncated.
-    np.testing.assert_array_equal(ids, sc.encode_texts(ml_collections.ConfigDict({"tokenizer": ""}), texts))
-    np.testing.assert_array_equal(sc.encode_texts(first, texts[:5]), ids[:5])
+    own = sc.tokenizer_source(ml_collections.ConfigDict({"tokenizer": ""}))
+    np.testing.assert_array_equal(ids, encode_texts(own, texts, sc.MAX_LEN))
+    np.testing.assert_array_equal(encode_texts(first, texts[:5], sc.MAX_LEN), ids[:5])
 
 
 def test_no_caption_the_grammar_can_make_is_longer_than_max_len():
@@ -377,7 +380,8 @@ def test_dataset_entry_preprocess_and_augment(data_dir):
     assert out["text"].shape == (sc.CAPTIONS_PER_SCENE, sc.MAX_LEN) and out["text"].dtype == np.int32
     assert out["negatives"].shape == (sc.NEGATIVES_PER_SCENE, sc.MAX_LEN) and out["negatives"].dtype == np.int32
     assert out["label"].dtype == np.int32 and out["label"] == example["label"]
-    np.testing.assert_array_equal(out["text"], sc.encode_texts(config, example["captions"]))
+    captions = encode_texts(sc.tokenizer_source(config), example["captions"], sc.MAX_LEN)
+    np.testing.assert_array_equal(out["text"], captions)
 
     picks = set()
     for seed in range(20):
@@ -400,7 +404,8 @@ def test_dataset_entry_with_the_minilm_tokenizer(data_dir):
     dataset = sc.dataset(config)
     out = dataset.preprocess(dataset.source("validation")[0])
     assert out["text"].shape == (sc.CAPTIONS_PER_SCENE, 32) and (out["text"][:, 0] == 101).all()  # MiniLM [CLS].
-    prompts = sc.encode_texts(config, sc.class_prompts()[0])
+    assert sc.tokenizer_source(config) == "minilm"
+    prompts = encode_texts(sc.tokenizer_source(config), sc.class_prompts()[0], config.max_len)
     assert prompts.shape == (len(sc.ZERO_SHOT_TEMPLATES), 32) and not (prompts == 100).any()  # No MiniLM [UNK].
 
 

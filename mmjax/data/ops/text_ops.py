@@ -1,4 +1,4 @@
-"""Text ops: tokenize and pad_or_truncate."""
+"""Text ops: tokenize (mmjax.data.tokenization) and pad_or_truncate."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from mmjax.data.ops.op_base import Op, describe, positive_arg, register
+from mmjax.data.tokenization import encode_texts, tokenizer_path
 
 
 @register("tokenize")
@@ -28,13 +29,9 @@ class Tokenize(Op):
         if not spec:
             raise ValueError("tokenize: this dataset has no tokenizer of its own; give one as "
                              "tokenize(tokenizer='minilm') or tokenize(tokenizer='/path/to/tokenizer.json')")
-        from mmjax.data.intents import tokenizer_path
-
         return dataclasses.replace(self, tokenizer=tokenizer_path(spec)), context
 
     def __call__(self, value):
-        from mmjax.data.catalog import encode_texts  # Thread-safe: one fixed-length tokenizer per (path, max_len).
-
         if isinstance(value, (str, bytes, np.bytes_, np.str_)):
             return encode_texts(self.tokenizer, [value], self.max_len)[0]
         texts = list(np.asarray(value, dtype=object).reshape(-1))
