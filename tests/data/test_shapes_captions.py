@@ -104,7 +104,7 @@ def is_true(text, objects):
     """Some assignment of the mentions to distinct objects satisfies every attribute and relation."""
     mentions, relations = parse(text)
     for chosen in itertools.permutations(objects, len(mentions)):
-        if any((o["size"], o["colour"], o["shape"]) != tuple(m) for o, m in zip(chosen, mentions)):
+        if any((o["size"], o["colour"], o["shape"]) != tuple(m) for o, m in zip(chosen, mentions, strict=True)):
             continue
         if all(_relation(chosen[i], chosen[j], r) for i, r, j in relations):
             return True
@@ -151,7 +151,7 @@ def test_built_examples_are_the_generated_and_rendered_ones(examples):
     for split, rows in examples.items():
         scenes = sc.generate_split(split, SIZES)
         images = sc.render(scenes, noise_stream=sc.SPLITS.index(split))
-        for row, scene, image in zip(rows, scenes, images):
+        for row, scene, image in zip(rows, scenes, images, strict=True):
             assert row["captions"] == list(scene.captions) and row["negatives"] == list(scene.negatives)
             assert row["scene"] == sc.scene_json(scene)
             np.testing.assert_array_equal(row["image"], image)  # PNG is lossless.
@@ -233,7 +233,7 @@ def test_negatives_are_minimal_edits_of_their_kind(examples):
     for example in _all(examples):
         n = example["num_objects"]
         assert len(example["negative_kinds"]) == sc.NEGATIVES_PER_SCENE
-        for negative, kind in zip(example["negatives"], example["negative_kinds"]):
+        for negative, kind in zip(example["negatives"], example["negative_kinds"], strict=True):
             assert kind in sc.NEGATIVE_KINDS
             assert kind.startswith("replace_" if n == 1 else "swap_"), (kind, n)
             assert kind in {_edit_kind(c, negative) for c in example["captions"]}, (kind, negative, example)
@@ -282,14 +282,14 @@ def test_relations_and_positions_agree_with_the_image(examples):
             assert len(xs) >= 8, o
             centroids.append((xs.mean() + 0.5, ys.mean() + 0.5))
             assert abs(centroids[-1][0] - o["x"] * 32) < 1.5 and abs(centroids[-1][1] - o["y"] * 32) < 2.0, o
-        for (a, ca), (b, cb) in itertools.permutations(zip(objects, centroids), 2):
+        for (a, ca), (b, cb) in itertools.permutations(zip(objects, centroids, strict=True), 2):
             if a["col"] < b["col"]:
                 assert ca[0] < cb[0]
             if a["row"] < b["row"]:
                 assert ca[1] < cb[1]
         for caption in example["captions"]:  # The stated relations, read in pixels.
             mentions, relations = parse(caption)
-            where = {(o["size"], o["colour"], o["shape"]): c for o, c in zip(objects, centroids)}
+            where = {(o["size"], o["colour"], o["shape"]): c for o, c in zip(objects, centroids, strict=True)}
             for i, relation, j in relations:
                 (ax, ay), (bx, by) = where[tuple(mentions[i])], where[tuple(mentions[j])]
                 assert {"to the left of": ax < bx, "to the right of": ax > bx, "above": ay < by, "below": ay > by}[
@@ -346,7 +346,7 @@ def test_own_tokenizer_is_deterministic_and_covers_every_text(examples):
 def test_no_caption_the_grammar_can_make_is_longer_than_max_len():
     longest_relation = max(len(r.split()) for r in sc.RELATIONS)
     for templates in sc.TEMPLATES.values():
-        for template, pairs in templates:
+        for template, _pairs in templates:
             words = re.sub(r"\{\d\.phrase\}", "a size colour shape", template)
             words = re.sub(r"\{0\.colour_shape\}", "a colour shape", words)
             words = re.sub(r"\{r\d\}", " ".join(["w"] * longest_relation), words)
