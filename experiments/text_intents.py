@@ -84,7 +84,7 @@ def _minilm(frozen: bool) -> compare.Variant:
 
 
 def _scratch(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    from mmjax.data.tokenizer import load_tokenizer
+    from mmjax.data.tokenization import load_tokenizer
 
     path = config.scratch_tokenizer.path
     if not path:
@@ -105,8 +105,8 @@ def scratch_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Trains the scratch variant's tokenizer on the training split's text and saves it as
     `workdir/scratch/tokenizer.json` (kept if already there, so a resumed run uses the same one); returns its path."""
     from mmjax.data import intents
-    from mmjax.data.datasets import build_on_process_zero
-    from mmjax.data.tokenizer import save_tokenizer, train_tokenizer
+    from mmjax.data.core import build_on_process_zero
+    from mmjax.data.tokenization import save_tokenizer, train_tokenizer
 
     path = os.path.join(os.path.abspath(workdir), SCRATCH_TOKENIZER)
 

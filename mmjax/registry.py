@@ -56,7 +56,7 @@ class Registry(Generic[T]):
         return name in self._items
 
 
-# The project's registries. Modules register themselves when imported; `mmjax.nn.model` imports all of them.
+# The project's registries. Modules register themselves when imported; `mmjax.nn.builder` imports the model parts.
 ENCODERS: Registry = Registry("encoder")
 FUSIONS: Registry = Registry("fusion")
 HEADS: Registry = Registry("head")

@@ -20,7 +20,8 @@ from mmjax import cli
 from mmjax import config as config_lib
 from mmjax.config import ConfigError
 from mmjax.data import pipeline
-from mmjax.data.datasets import Dataset, get_dataset
+from mmjax.data.core import Dataset
+from mmjax.data.datasets import get_dataset
 from mmjax.nn.builder import build_model
 from mmjax.registry import DATASETS
 from mmjax.tasks import build_task

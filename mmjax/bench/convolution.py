@@ -279,7 +279,7 @@ def default_encoders(batch: int = 64) -> dict[str, tuple[Callable[[str], Any], j
     """
     from mmjax import experiment
     from mmjax.data import av_digits as av_digits_data
-    from mmjax.nn.model import build_model
+    from mmjax.nn.builder import build_model
 
     config = experiment.load("av_digits").get_config()
     shapes = {

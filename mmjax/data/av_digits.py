@@ -57,31 +57,42 @@ Reading needs no TensorFlow::
     builder = av_digits.build("/path/to/tensorflow_datasets")
     train = tfds.data_source("av_digits", data_dir="/path/to/tensorflow_datasets", split="train")
     example = train[0]   # dict of numpy arrays / Python scalars / bytes
+
+The ``av_digits`` entry of the dataset registry (``config.data.name = "av_digits"``, :func:`dataset`) builds it on
+first use and preprocesses examples with :class:`AvDigitsPreprocess` (``data.target`` picks the label).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmjax.data import audio as audio_lib
-from mmjax.data.builder_utils import OfflineBuilder, prepare
 from mmjax.data import espeak
+from mmjax.data.audio_features import fit_length, log_mel_spectrogram, resample, standardize
+from mmjax.data.core import Dataset, Example, build_on_process_zero
+from mmjax.data.tfds_builder import OfflineBuilder, prepare, split_sizes
+from mmjax.registry import DATASETS
 
 __all__ = [
     "ACCENTS",
+    "AV_DIGITS_TARGETS",
     "AvDigits",
+    "AvDigitsPreprocess",
     "CLIP_SAMPLES",
     "DIGIT_NAMES",
     "HOP_LENGTH",
     "N_FFT",
     "N_FRAMES",
     "N_MELS",
+    "PairedSource",
     "SAMPLE_RATE",
     "SEED",
     "SPEAKERS",
@@ -92,6 +103,7 @@ __all__ = [
     "build",
     "clean_utterance",
     "corrupt_image",
+    "dataset",
     "generate_examples",
     "log_mel",
     "noisy_clip",
@@ -179,7 +191,7 @@ def split_image_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
     for digit in range(len(DIGIT_NAMES)):
         members = rng.permutation(np.flatnonzero(labels == digit))
         bounds = np.cumsum(_fraction_sizes(len(members)))[:-1]
-        for split, chunk in zip(SPLITS, np.split(members, bounds)):
+        for split, chunk in zip(SPLITS, np.split(members, bounds), strict=False):
             parts[split].append(chunk)
     return {split: np.sort(np.concatenate(chunks)) for split, chunks in parts.items()}
 
@@ -190,7 +202,7 @@ def split_speakers() -> dict[str, tuple[str, ...]]:
     order = [SPEAKERS[i] for i in rng.permutation(len(SPEAKERS))]
     bounds = np.cumsum(_fraction_sizes(len(order)))
     starts = (0, *bounds[:-1])
-    return {split: tuple(order[a:b]) for split, a, b in zip(SPLITS, starts, bounds)}
+    return {split: tuple(order[a:b]) for split, a, b in zip(SPLITS, starts, bounds, strict=False)}
 
 
 def _speaker_voice(speaker: str) -> tuple[int, int, int]:
@@ -232,7 +244,7 @@ def clean_utterance(speaker: str, digit: int, rate: int, pitch: int, pitch_range
     waveform, rate_hz = espeak.synthesize(
         DIGIT_NAMES[digit], voice=speaker, rate=rate, pitch=pitch, pitch_range=pitch_range
     )
-    speech = audio_lib.resample(waveform, rate_hz, SAMPLE_RATE).astype(np.float64)
+    speech = resample(waveform, rate_hz, SAMPLE_RATE).astype(np.float64)
     loud = np.flatnonzero(np.abs(speech) > TRIM_THRESHOLD * np.abs(speech).max(initial=0.0))
     if loud.size == 0:
         raise RuntimeError(f"eSpeak NG produced silence for {DIGIT_NAMES[digit]!r} by {speaker!r}")
@@ -258,7 +270,7 @@ def noisy_clip(speech: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
     SNR, random gain. Returns ``(clip, snr_db)``."""
     centred = (CLIP_SAMPLES - speech.size) // 2
     offset = centred + int(rng.integers(-MAX_SHIFT, MAX_SHIFT + 1))
-    placed = audio_lib.fit_length(speech, CLIP_SAMPLES, offset=offset)
+    placed = fit_length(speech, CLIP_SAMPLES, offset=offset)
     snr_db = float(rng.uniform(*SNR_DB))
     mix = placed + background_noise(rng, CLIP_SAMPLES) * 10.0 ** (-snr_db / 20.0)
     level = SPEECH_RMS * 10.0 ** (rng.uniform(*GAIN_DB) / 20.0) * 32767.0
@@ -297,7 +309,7 @@ def generate_examples(split: str) -> Iterator[tuple[int, dict]]:
 
 def log_mel(clip: np.ndarray) -> np.ndarray:
     """The default audio features of a clip: float32 ``[N_FRAMES, N_MELS]``."""
-    return audio_lib.log_mel_spectrogram(
+    return log_mel_spectrogram(
         clip, SAMPLE_RATE, n_fft=N_FFT, hop_length=HOP_LENGTH, n_mels=N_MELS
     )
 
@@ -346,3 +358,97 @@ class AvDigits(OfflineBuilder):
 def build(data_dir: str) -> tfds.core.DatasetBuilder:
     """Builds AV-Digits under ``data_dir`` unless already there; returns the builder."""
     return prepare(AvDigits(data_dir=data_dir))
+
+
+# --------------------------------------------------------------------------------------------- dataset entry
+
+
+AV_DIGITS_TARGETS = {"digit": "classification", "value": "regression", "digit_pair": "multilabel"}
+
+
+class PairedSource:
+    """AV-Digits with each image paired to the speech of another example of the same split (fixed permutation).
+
+    Example i keeps its image and takes the audio of example `perm[i]`: its two digits usually differ, so a
+    multi-label target {image digit, spoken digit} needs both modalities.
+    """
+
+    def __init__(self, source, seed: int = 20261123):
+        self.source = source
+        self.partner = np.random.default_rng(seed).permutation(len(source))
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        example = dict(self.source[int(index)])
+        partner = self.source[int(self.partner[int(index)])]
+        example["audio"], example["audio_label"] = partner["audio"], partner["label"]
+        return example
+
+
+@dataclasses.dataclass(frozen=True)
+class AvDigitsPreprocess:
+    """AV-Digits example -> model inputs: image in [-1, 1]; audio as a per-utterance normalised log-mel.
+
+    `target`: "digit" (class id), "value" (the digit as a float, for regression), "digit_pair" (multi-hot of the
+    image's digit and the partner utterance's digit, see `PairedSource`).
+    """
+
+    sample_rate: int
+    n_fft: int
+    hop_length: int
+    n_mels: int
+    target: str = "digit"
+
+    def __call__(self, example: Mapping[str, Any]) -> Example:
+        image = np.asarray(example["image"], np.float32) / 127.5 - 1.0
+        waveform = np.asarray(example["audio"], np.float32) / 32768.0
+        mel = log_mel_spectrogram(
+            waveform, self.sample_rate, n_fft=self.n_fft, hop_length=self.hop_length, n_mels=self.n_mels
+        )
+        if self.target == "value":
+            label = np.float32(example["label"])
+        elif self.target == "digit_pair":
+            label = np.zeros(10, np.float32)
+            label[[int(example["label"]), int(example["audio_label"])]] = 1.0
+        else:
+            label = np.int32(example["label"])
+        return {"image": image, "audio": standardize(mel), "label": label}
+
+
+@DATASETS.register("av_digits")
+def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
+    """AV-Digits: scikit-learn's handwritten digits paired with eSpeak NG spoken digits (module docstring).
+
+    `data.target` picks the label: "digit" (default, 10 classes), "value" (regression) or "digit_pair"
+    (multi-label over 10 digits, each image paired with another example's speech).
+    """
+    target = data_config.get("target", "digit")
+    if target not in AV_DIGITS_TARGETS:
+        raise ValueError(f"config data.target={target!r}; valid: {', '.join(AV_DIGITS_TARGETS)}")
+
+    builder = build_on_process_zero(lambda: build(data_config.get("data_dir") or None))
+    audio = data_config.get("audio", ml_collections.ConfigDict())
+    preprocess = AvDigitsPreprocess(
+        sample_rate=SAMPLE_RATE,
+        n_fft=audio.get("n_fft", N_FFT),
+        hop_length=audio.get("hop_length", HOP_LENGTH),
+        n_mels=audio.get("n_mels", N_MELS),
+        target=target,
+    )
+    label = builder.info.features["label"]
+    if target == "digit_pair":
+        source = lambda split: PairedSource(builder.as_data_source(split=split))  # noqa: E731
+    else:
+        source = lambda split: builder.as_data_source(split=split)  # noqa: E731
+    return Dataset(
+        name="av_digits",
+        source=source,
+        preprocess=preprocess,
+        splits=split_sizes(builder),
+        num_classes=1 if target == "value" else label.num_classes,
+        modalities=("audio", "image"),
+        class_names=("value",) if target == "value" else tuple(label.names),
+        task=AV_DIGITS_TARGETS[target],
+    )

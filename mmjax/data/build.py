@@ -58,9 +58,13 @@ import shutil
 import sys
 import tempfile
 import warnings
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+
+from mmjax.data.core import mask_key
+from mmjax.data.tokenization import save_tokenizer, tokenizer_path, train_tokenizer
 
 NAME = "files"  # TFDS dataset name: DIR/files/<VERSION>/.
 VERSION = "1.0.0"
@@ -79,7 +83,7 @@ class ManifestError(ValueError):
 class BadRowError(ValueError):
     """A bad row with `--on-error stop`: the message names the row, the line and the reasons."""
 
-    def __init__(self, bad: "BadRow"):
+    def __init__(self, bad: BadRow):
         super().__init__(f"{bad}. (--on-error skip leaves bad rows out)")
         self.bad = bad
 
@@ -169,7 +173,7 @@ def _read_csv(path: str, delimiter: str) -> tuple[list[str], list[ManifestRow]]:
                     raise ManifestError(f"manifest {path}: the header (line {start}) has duplicated or empty "
                                         f"column names {duplicated or ['']}")
                 continue
-            cells: dict[str, Any] = dict(zip(header, record))
+            cells: dict[str, Any] = dict(zip(header, record, strict=False))
             if len(record) > len(header):
                 cells["__error__"] = f"has {len(record)} cells, the header has {len(header)}"
             rows.append(ManifestRow(len(rows) + 1, start, cells))
@@ -515,7 +519,7 @@ def _make_builder_class():
     """The TFDS builder class (defined lazily: importing TFDS is slow and `--help` should not need it)."""
     import tensorflow_datasets as tfds
 
-    from mmjax.data.builder_utils import OfflineBuilder
+    from mmjax.data.tfds_builder import OfflineBuilder  # Imports TFDS: here, so that `--help` stays quick.
 
     version = VERSION  # The class body's own VERSION would shadow it.
 
@@ -526,7 +530,7 @@ def _make_builder_class():
         VERSION = tfds.core.Version(version)
         RELEASE_NOTES = {version: "Built by python -m mmjax.data.build from a manifest."}
 
-        def __init__(self, *, plan: "BuildPlan", **kwargs):
+        def __init__(self, *, plan: BuildPlan, **kwargs):
             self._plan = plan
             super().__init__(**kwargs)
 
@@ -540,7 +544,7 @@ def _make_builder_class():
             if "text" in plan.modalities:
                 features["text"] = tfds.features.Text()
             for modality in plan.optional:
-                features[f"{modality}_mask"] = tfds.features.Scalar(dtype=np.float32)
+                features[mask_key(modality)] = tfds.features.Scalar(dtype=np.float32)
             label = tfds.features.ClassLabel(names=list(plan.classes))
             features["label"] = tfds.features.Sequence(label) if plan.multilabel else label
             return tfds.core.DatasetInfo(
@@ -606,7 +610,8 @@ class BuildPlan:
             if path:
                 rate, audio = read_audio(path)
                 if rate != self.sample_rate:
-                    from mmjax.data.audio import resample
+                    # scipy.signal takes about a second to import: only a build that resamples pays it.
+                    from mmjax.data.audio_features import resample
 
                     audio = resample(audio, rate, self.sample_rate)
             else:
@@ -616,7 +621,7 @@ class BuildPlan:
             example["text"] = row.text or ""
         for modality in self.optional:
             present = (row.text is not None) if modality == "text" else bool(row.paths.get(modality))
-            example[f"{modality}_mask"] = np.float32(present)
+            example[mask_key(modality)] = np.float32(present)
         return example
 
     def examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -670,8 +675,6 @@ class BuildReport:
 
 
 def _train_tokenizer(plan: BuildPlan, vocab_size: int, directory: str) -> str:
-    from mmjax.data.tokenizer import save_tokenizer, train_tokenizer
-
     split = "train" if "train" in plan.rows_by_split else plan.splits[0]
     texts = [row.text for row in plan.rows_by_split[split] if row.text]
     if not texts:
@@ -707,8 +710,6 @@ def build(manifest: str, out: str, options: Options | None = None, **kwargs) -> 
 
     tokenizer = None  # What the dataset's `tokenize` uses by default ("train": set once trained).
     if "text" in modalities and options.tokenizer not in ("train", "none"):
-        from mmjax.data.intents import tokenizer_path
-
         try:
             tokenizer = options.tokenizer if options.tokenizer == "minilm" else os.path.abspath(
                 tokenizer_path(options.tokenizer))

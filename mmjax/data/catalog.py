@@ -13,7 +13,7 @@ TensorFlow and internet access::
 (copy ``DIR`` to the training machine if needed and set ``data.data_dir=DIR``). Building coco_captions downloads
 COCO 2014 (about 19 GB) and Karpathy's splits; spoken_digit reads wav files with pydub.
 
-Recipes (registered in :mod:`mmjax.data.datasets`):
+Recipes (each registered in the dataset registry by its function here):
 
 ``coco_captions`` (contrastive, modalities image + text)
     TFDS ``coco_captions/2014``: COCO 2014 images with Karpathy & Li's splits ``train`` (82,783), ``val``
@@ -46,7 +46,7 @@ Recipes (registered in :mod:`mmjax.data.datasets`):
     Deterministic, and reading never scans mnist. ``image`` float32 [28, 28, 1] in [-1, 1]; ``audio`` float32
     [frames, n_mels]: the int16-valued samples / 32768, resampled from 8 kHz to ``data.audio.sample_rate``
     (default 8000), centred and cropped or zero-padded to ``data.audio.clip_seconds`` (default 1.0), log-mel
-    (:func:`mmjax.data.audio.log_mel_spectrogram`, ``data.audio.n_fft``/``hop_length``/``n_mels`` default
+    (:func:`mmjax.data.audio_features.log_mel_spectrogram`, ``data.audio.n_fft``/``hop_length``/``n_mels`` default
     256/160/40 like av_digits: 49 x 40 frames at 8 kHz), normalised per utterance (zero mean, unit std);
     ``label`` int32 (the digit).
 
@@ -65,17 +65,21 @@ restores the builder from the prepared files (``dataset_info.json``, ``features.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import json
 import os
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
 
-from mmjax.data.datasets import Dataset
+from mmjax.data.audio_features import fit_length, log_mel_spectrogram, resample, standardize
+from mmjax.data.core import Dataset
+from mmjax.data.tfds_builder import split_sizes
+from mmjax.data.tokenization import as_text, encode_texts, tokenizer_path
+from mmjax.registry import DATASETS
 
 __all__ = [
     "AvMnistPreprocess",
@@ -102,7 +106,6 @@ __all__ = [
     "coco_category_names",
     "coco_objects",
     "data_root",
-    "encode_texts",
     "find_prepared",
     "first_captions",
     "fsdd_split",
@@ -311,7 +314,7 @@ class CatalogData:
 
     @property
     def splits(self) -> dict[str, int]:
-        return {name: info.num_examples for name, info in self.builder.info.splits.items()}
+        return split_sizes(self.builder)
 
     def source(self, split: str) -> CatalogSource:
         """The random-access source of ``split``: TFDS's data source (``len``, ``[i]`` -> dict of numpy values),
@@ -468,44 +471,14 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return image[..., :3]
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
-
-
-@functools.lru_cache(maxsize=8)
-def _fixed_length_tokenizer(path: str, max_len: int):
-    """A tokenizer that truncates and right-pads to ``max_len``, configured once and never changed again (so
-    Grain's reader threads can share it)."""
-    from mmjax.data.tokenizer import load_tokenizer, pad_token
-
-    if max_len < 1:
-        raise ValueError(f"config data.max_len must be >= 1, got {max_len}")
-    tokenizer = load_tokenizer(path)
-    pad, pad_id = pad_token(tokenizer)
-    tokenizer.enable_truncation(max_length=max_len)
-    tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_token=pad, length=max_len)
-    return tokenizer
-
-
-def encode_texts(tokenizer_path: str, texts: Sequence[str], max_len: int) -> np.ndarray:
-    """int32 [len(texts), max_len] ids ([CLS] ... [SEP], truncated, right-padded with the pad id)."""
-    texts = [_text(t) for t in texts]
-    if not texts:
-        return np.zeros((0, max_len), np.int32)
-    encodings = _fixed_length_tokenizer(tokenizer_path, int(max_len)).encode_batch(texts)
-    return np.asarray([e.ids for e in encodings], np.int32).reshape(len(texts), max_len)
-
-
 def _tokenizer_path(data_config: ml_collections.ConfigDict) -> str:
-    from mmjax.data.intents import tokenizer_path
-
     return tokenizer_path(str(data_config.get("tokenizer", TOKENIZER) or TOKENIZER))
 
 
 def first_captions(captions: Any, k: int) -> list[str]:
     """The first ``k`` caption texts of a coco_captions example's ``captions`` (the last repeated when fewer)."""
     texts = captions["text"] if isinstance(captions, Mapping) else captions
-    texts = [_text(t) for t in np.asarray(texts, dtype=object).reshape(-1)][:k] or [""]
+    texts = [as_text(t) for t in np.asarray(texts, dtype=object).reshape(-1)][:k] or [""]
     return texts + [texts[-1]] * (k - len(texts))
 
 
@@ -573,6 +546,7 @@ def coco_category_names(names: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+@DATASETS.register("coco_captions")
 def coco_captions(data_config: ml_collections.ConfigDict) -> Dataset:
     """COCO 2014 captions (Karpathy splits) for contrastive image-text training; see the module docstring.
 
@@ -638,6 +612,7 @@ class CocoObjectsAugment:
         }
 
 
+@DATASETS.register("coco_objects")
 def coco_objects(data_config: ml_collections.ConfigDict) -> Dataset:
     """COCO 2014 (coco_captions data): image + caption -> multi-hot of the 80 object categories (multilabel).
 
@@ -668,10 +643,10 @@ AV_MNIST_SPLITS = ("train", "test")
 def fsdd_split(filename: str) -> str:
     """FSDD's official split of a recording ``{digit}_{speaker}_{index}.wav``: "test" for index 0-4, else
     "train"."""
-    match = FSDD_FILENAME.match(_text(filename))
+    match = FSDD_FILENAME.match(as_text(filename))
     if match is None:
         raise ValueError(
-            f"spoken_digit file name {_text(filename)!r} does not follow FSDD's {{digit}}_{{speaker}}_{{index}}.wav"
+            f"spoken_digit file name {as_text(filename)!r} does not follow FSDD's {{digit}}_{{speaker}}_{{index}}.wav"
         )
     return "test" if int(match.group(3)) < FSDD_TEST_RECORDINGS else "train"
 
@@ -682,7 +657,7 @@ def spoken_digit_pools(source, seed: int = SEED) -> dict[str, dict[int, np.ndarr
     rows: dict[str, dict[int, list[tuple[str, int]]]] = {s: {d: [] for d in range(10)} for s in AV_MNIST_SPLITS}
     for index in range(len(source)):
         example = source[index]
-        filename = _text(example["audio/filename"])
+        filename = as_text(example["audio/filename"])
         rows[fsdd_split(filename)][int(example["label"])].append((filename, index))
     pools: dict[str, dict[int, np.ndarray]] = {}
     for split_index, split in enumerate(AV_MNIST_SPLITS):
@@ -739,25 +714,21 @@ class AvMnistPreprocess:
     def waveform(self, samples: Any) -> np.ndarray:
         """float32 [clip samples] at ``sample_rate``: 16-bit PCM values / 32768, resampled, centred, cropped or
         zero-padded."""
-        from mmjax.data.audio import fit_length, resample
-
         wave = np.asarray(samples).astype(np.float32).reshape(-1) / 32768.0
         wave = resample(wave, self.source_rate, self.sample_rate)
         n = int(round(self.clip_seconds * self.sample_rate))
         return fit_length(wave, n, offset=(n - len(wave)) // 2)
 
     def __call__(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        from mmjax.data.audio import log_mel_spectrogram
-
         mel = log_mel_spectrogram(
             self.waveform(example["audio"]), self.sample_rate,
             n_fft=self.n_fft, hop_length=self.hop_length, n_mels=self.n_mels,
         )
-        mel = (mel - mel.mean()) / (mel.std() + 1e-5)
         image = np.asarray(example["image"], np.float32).reshape(28, 28, 1) / 127.5 - 1.0
-        return {"image": image, "audio": mel.astype(np.float32), "label": np.int32(example["label"])}
+        return {"image": image, "audio": standardize(mel), "label": np.int32(example["label"])}
 
 
+@DATASETS.register("av_mnist")
 def av_mnist(data_config: ml_collections.ConfigDict) -> Dataset:
     """AV-MNIST: mnist images paired with spoken_digit recordings of the same digit; see the module docstring.
 

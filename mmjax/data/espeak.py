@@ -23,6 +23,7 @@ module-level lock serialises all calls, because the engine is not thread-safe.
 
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import ctypes.util
 import dataclasses
@@ -32,8 +33,9 @@ import threading
 import warnings
 from pathlib import Path
 
-import _ctypes
 import numpy as np
+
+from mmjax.data.core import is_int
 
 __all__ = [
     "DEFAULT_VOICE",
@@ -221,7 +223,7 @@ def _still_loaded(path: str) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_state_leak(path: str) -> None:
     warnings.warn(
         f"{path} is also loaded by other code in this process, so it cannot be reset "
@@ -232,7 +234,7 @@ def _warn_state_leak(path: str) -> None:
 
 
 def _check_int(name: str, value: int, bounds: tuple[int, int]) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {value!r}")
     if not bounds[0] <= value <= bounds[1]:
         raise ValueError(f"{name}={value} is outside [{bounds[0]}, {bounds[1]}]")

@@ -21,20 +21,22 @@ carry `<modality>_mask` (1 present, 0 absent; absent values are zeros), which th
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
 from mmjax.data import ops
 from mmjax.data.build import NAME, TOKENIZER_FILENAME, VERSION, dataset_dir
-from mmjax.data.datasets import Dataset
+from mmjax.data.core import Dataset, mask_key
+from mmjax.data.tfds_builder import split_sizes
+from mmjax.registry import DATASETS
 
 
 def open_built(data_dir: str):
     """TFDS's read-only builder of the dataset built into `data_dir` (no TensorFlow)."""
-    import tensorflow_datasets as tfds
-
     if not data_dir:
         raise ValueError("config data.data_dir is empty: set it to the --out folder of python -m mmjax.data.build")
     directory = dataset_dir(os.path.abspath(os.path.expanduser(data_dir)))
@@ -78,6 +80,7 @@ def _check_labels(example: Mapping[str, Any], task: str, num_classes: int) -> No
         )
 
 
+@DATASETS.register("files")
 def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     """The built manifest dataset under `data.data_dir` with `data.preprocess` chains (module docstring)."""
     builder = open_built(data_config.get("data_dir", ""))
@@ -108,9 +111,9 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     }
     for modality in modalities:  # TFDS reads float32 scalars back as Python floats.
         if modality in meta.get("optional", ()):
-            chains[f"{modality}_mask"] = "cast('float32')"
+            chains[mask_key(modality)] = "cast('float32')"
     preprocess, augment = ops.compose(chains, contexts, keep=())
-    splits = {name: info.num_examples for name, info in builder.info.splits.items()}
+    splits = split_sizes(builder)
     result = Dataset(
         name=NAME,
         source=lambda split: builder.as_data_source(split=split),

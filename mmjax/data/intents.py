@@ -44,7 +44,6 @@ it (``data.tokenizer``: "minilm" or a tokenizer.json path; ``data.max_len``, def
 from __future__ import annotations
 
 import functools
-import os
 import string
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -53,8 +52,10 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mmjax.data.builder_utils import OfflineBuilder, prepare
-from mmjax.data.datasets import Dataset, build_on_process_zero
+from mmjax.data.core import Dataset, build_on_process_zero
+from mmjax.data.tfds_builder import OfflineBuilder, prepare, split_sizes
+from mmjax.data.tokenization import TextEncoderOp, as_text, tokenizer_path
+from mmjax.registry import DATASETS
 
 __all__ = [
     "INTENTS",
@@ -69,11 +70,11 @@ __all__ = [
     "TextSource",
     "Utterance",
     "build",
+    "dataset",
     "generate_examples",
     "generate_split",
     "split_templates",
     "template_slots",
-    "tokenizer_path",
 ]
 
 SEED = 20_251_104
@@ -408,7 +409,7 @@ def _generate_all(sizes: tuple[tuple[str, int], ...]) -> dict[str, tuple[Utteran
     out = {}
     for split_index, split in enumerate(SPLITS):
         examples: list[Utterance] = []
-        for label, (intent, count) in enumerate(zip(INTENTS, _per_intent(dict(sizes)[split]))):
+        for label, (intent, count) in enumerate(zip(INTENTS, _per_intent(dict(sizes)[split]), strict=False)):
             templates = assignment[split][intent]
             rng = np.random.default_rng((SEED, _STREAM_FILL, split_index, label))
             # Each template is used equally often (up to one), in a random order.
@@ -486,22 +487,6 @@ def build(data_dir: str | None = None, sizes: Mapping[str, int] | None = None) -
 # --------------------------------------------------------------------------------------------- dataset entry
 
 
-def tokenizer_path(name: str) -> str:
-    """``"minilm"`` -> all-MiniLM-L6-v2's tokenizer.json; anything else is a tokenizer.json path (or its folder)."""
-    if name == "minilm":
-        from mmjax.nn.pretrained import minilm_directory
-
-        return os.path.join(minilm_directory(), "tokenizer.json")
-    path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config data.tokenizer={name!r}: no tokenizer file there (or use 'minilm')")
-    return path
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
-
-
 class TextSource:
     """A random-access split whose examples are ``{"text": str, "label": int}`` (TFDS returns text as bytes)."""
 
@@ -513,24 +498,23 @@ class TextSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.source[int(index)]
-        return {"text": _text(example["text"]), "label": int(example["label"])}
+        return {"text": as_text(example["text"]), "label": int(example["label"])}
 
 
 class IntentsPreprocess:
     """``{"text", "label"}`` -> ``{"text": int32 [max_len] token ids (right-padded), "label": int32}``. Picklable."""
 
     def __init__(self, tokenizer_path: str, max_len: int):
-        from mmjax.data.tokenizer import TextEncoderOp
-
         self.encode = TextEncoderOp(tokenizer_path, max_len)
 
     def __call__(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return {"text": self.encode(_text(example["text"])), "label": np.int32(example["label"])}
+        return {"text": self.encode(example["text"]), "label": np.int32(example["label"])}
 
     def __repr__(self) -> str:
         return f"IntentsPreprocess({self.encode!r})"
 
 
+@DATASETS.register("intents")
 def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     """Intents: 8 assistant-command intents, test phrasings held out of training (see mmjax.data.intents).
 
@@ -545,7 +529,7 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
         name="intents",
         source=lambda split: TextSource(builder.as_data_source(split=split)),
         preprocess=preprocess,
-        splits={name: info.num_examples for name, info in builder.info.splits.items()},
+        splits=split_sizes(builder),
         num_classes=label.num_classes,
         modalities=("text",),
         class_names=tuple(label.names),

@@ -18,23 +18,17 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import grain
 import jax
 import numpy as np
 
-from mmjax.data.datasets import Dataset
-
-VALID_KEY = "_valid"  # 1 for real examples, 0 for padding added to complete the last evaluation batch.
+from mmjax.data.core import VALID_KEY, Dataset, identity, is_int, mask_key
 
 Batch = dict[str, np.ndarray]
 InputSpec = dict[str, tuple[tuple[int, ...], str]]
-
-
-def mask_key(modality: str) -> str:
-    """The key of the `[B]` float32 presence mask of `modality` (1.0 present, 0.0 missing)."""
-    return f"{modality}_mask"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +107,6 @@ class InMemorySplit:
         return {k: v[index] for k, v in self.arrays.items()}
 
 
-def _identity(example):
-    return example
-
-
 def cache_in_memory(dataset: Dataset) -> Dataset:
     """The same dataset with every split preprocessed on first use and served from memory."""
     splits: dict[str, InMemorySplit] = {}
@@ -126,7 +116,7 @@ def cache_in_memory(dataset: Dataset) -> Dataset:
             splits[split] = InMemorySplit(dataset.source(split), example_fn(dataset))
         return splits[split]
 
-    return dataclasses.replace(dataset, source=source, preprocess=_identity)
+    return dataclasses.replace(dataset, source=source, preprocess=identity)
 
 
 def train_dataset(
@@ -359,7 +349,7 @@ class DevicePrefetcher:
     """
 
     def __init__(self, iterator: Iterator[Mapping[str, np.ndarray]], to_device: Callable[[Any], Any], size: int = 2):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_int(size) or size < 1:
             raise ValueError(f"device_prefetch size={size!r} must be a positive integer (batches kept on device)")
         if not (hasattr(iterator, "get_state") and hasattr(iterator, "set_state")):
             raise TypeError(
@@ -379,7 +369,7 @@ class DevicePrefetcher:
         self._taken = 0.0
 
     # Iteration.
-    def __iter__(self) -> "DevicePrefetcher":
+    def __iter__(self) -> DevicePrefetcher:
         return self
 
     def __next__(self) -> Any:
@@ -396,7 +386,7 @@ class DevicePrefetcher:
             except queue.Empty:
                 if not self._thread.is_alive() and self._queue.empty():
                     self._outcome = RuntimeError("device_prefetch: the producer thread ended without a result")
-                    raise self._outcome
+                    raise self._outcome from None
         self.wait_seconds += time.perf_counter() - start
         if item is _END:
             self._outcome = StopIteration()
@@ -467,7 +457,7 @@ class DevicePrefetcher:
         if close is not None:
             close()
 
-    def __enter__(self) -> "DevicePrefetcher":
+    def __enter__(self) -> DevicePrefetcher:
         return self
 
     def __exit__(self, *exc_info) -> None:

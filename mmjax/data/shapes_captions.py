@@ -88,7 +88,8 @@ this batch contract:
 ``data.tokenizer``: "" (default) for this dataset's own word-level tokenizer (:func:`build_tokenizer`: the
 grammar's words, no training, [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, texts wrapped as [CLS] ... [SEP]),
 "minilm" for all-MiniLM-L6-v2's, or a tokenizer.json path; ``data.max_len`` (default 24) ids per text.
-Zero-shot prompts (:func:`class_prompts`, :func:`colour_prompts`) tokenise with :func:`encode_texts`.
+Texts tokenise with :func:`mmjax.data.tokenization.encode_texts` and :func:`tokenizer_source`, e.g. the zero-shot
+prompts (:func:`class_prompts`, :func:`colour_prompts`): ``encode_texts(tokenizer_source(config), prompts, 24)``.
 """
 
 from __future__ import annotations
@@ -107,9 +108,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
-from mmjax.data.builder_utils import OfflineBuilder, prepare
-from mmjax.data.datasets import Dataset, build_on_process_zero
-from mmjax.data.tokenizer import SPECIAL_TOKENS, encode_batch, load_tokenizer
+from mmjax.data.core import Dataset, build_on_process_zero
+from mmjax.data.tfds_builder import OfflineBuilder, prepare, split_sizes
+from mmjax.data.tokenization import SPECIAL_TOKENS, TokenizerSource, as_text, encode_texts, tokenizer_from
+from mmjax.registry import DATASETS
 
 __all__ = [
     "CAPTIONS_PER_SCENE",
@@ -143,7 +145,6 @@ __all__ = [
     "class_prompts",
     "colour_prompts",
     "dataset",
-    "encode_texts",
     "generate_examples",
     "generate_split",
     "apply_edit",
@@ -152,6 +153,7 @@ __all__ = [
     "render",
     "scene_json",
     "tokenizer",
+    "tokenizer_source",
     "true_captions",
     "vocabulary",
 ]
@@ -319,9 +321,10 @@ def relation_holds(a: SceneObject, b: SceneObject, relation: str) -> bool:
 def caption_holds(caption: Caption, objects: Sequence[SceneObject]) -> bool:
     """Whether some assignment of the caption's mentions to distinct objects matches every attribute and relation."""
     for chosen in itertools.permutations(objects, len(caption.mentions)):
-        if any(o.mention != m for o, m in zip(chosen, caption.mentions)):
+        if any(o.mention != m for o, m in zip(chosen, caption.mentions, strict=False)):
             continue
-        if all(relation_holds(chosen[i], chosen[j], r) for (i, j), r in zip(caption.relation_pairs, caption.relations)):
+        relations = zip(caption.relation_pairs, caption.relations, strict=False)
+        if all(relation_holds(chosen[i], chosen[j], r) for (i, j), r in relations):
             return True
     return False
 
@@ -455,13 +458,13 @@ def _draw_objects(rng: np.random.Generator, split: str) -> tuple[SceneObject, ..
     shifts = rng.uniform(-1.0, 1.0, size=(count, 2)).tolist()
     tints = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=(count, 3)).tolist()
     objects = []
-    for k, ((colour, shape), cell) in enumerate(zip(pairs, cells.tolist())):
+    for k, ((colour, shape), cell) in enumerate(zip(pairs, cells.tolist(), strict=False)):
         size = ("large" if k == large else "small") if count > 1 else SIZES[int(rng.integers(2))]
         jitter = LARGE_JITTER if size == "large" else SMALL_JITTER
         row, col = divmod(cell, GRID)
         x = round(_cell_centre(col) + jitter * shifts[k][0], 4)
         y = round(_cell_centre(row) + jitter * shifts[k][1], 4)
-        rgb = tuple(min(255, max(0, c + t)) for c, t in zip(COLOUR_RGB[colour], tints[k]))
+        rgb = tuple(min(255, max(0, c + t)) for c, t in zip(COLOUR_RGB[colour], tints[k], strict=False))
         objects.append(SceneObject(shape, colour, size, row, col, x, y, rgb))
     # Subject first (the large one, else the only one), then reading order.
     objects.sort(key=lambda o: (o.size != "large", o.row, o.col))
@@ -613,7 +616,7 @@ def generate_examples(
     """Yields ``(index, features)`` for one split, in its (seeded) order; images are PNG bytes."""
     scenes = generate_split(split, sizes)
     images = render(scenes, image_size, noise_stream=SPLITS.index(split))
-    for index, (scene, image) in enumerate(zip(scenes, images)):
+    for index, (scene, image) in enumerate(zip(scenes, images, strict=False)):
         subject = scene.objects[0]
         yield index, {
             "image": _png(image),
@@ -683,7 +686,7 @@ def build(
     """
     builder = ShapesCaptions(data_dir=data_dir, sizes=sizes, image_size=image_size)
     if builder.is_prepared() and sizes is not None:
-        built = {name: info.num_examples for name, info in builder.info.splits.items()}
+        built = split_sizes(builder)
         if built != _resolve_sizes(sizes):
             raise ValueError(
                 f"shapes_captions is already built in {builder.data_dir} with sizes {built}, not "
@@ -708,7 +711,7 @@ def build_tokenizer() -> Tokenizer:
     """This dataset's word-level tokenizer: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, then :func:`vocabulary`.
 
     Lowercases, splits on whitespace and punctuation (BERT's pre-tokenizer) and wraps texts as [CLS] ... [SEP],
-    like the wordpiece tokenizers of :mod:`mmjax.data.tokenizer`. Deterministic: no training.
+    like the wordpiece tokenizers of :mod:`mmjax.data.tokenization`. Deterministic: no training.
     """
     specials = SPECIAL_TOKENS["wordpiece"]
     vocab = {token: i for i, token in enumerate(specials + vocabulary())}
@@ -727,44 +730,19 @@ def _tokenizer_spec(data_config: Mapping[str, Any] | None) -> str:
     return str((data_config or {}).get("tokenizer", "") or "")
 
 
-def _load(spec: str) -> Tokenizer:
-    if not spec:
-        return build_tokenizer()
-    from mmjax.data.intents import tokenizer_path
+def _source(spec: str) -> TokenizerSource:
+    return spec or build_tokenizer
 
-    return load_tokenizer(tokenizer_path(spec))
+
+def tokenizer_source(data_config: Mapping[str, Any] | None = None) -> TokenizerSource:
+    """What :func:`~mmjax.data.tokenization.encode_texts` encodes ``data_config.tokenizer`` with: "" (default) ->
+    :func:`build_tokenizer` (this dataset's own), else the spec ("minilm" or a tokenizer.json path)."""
+    return _source(_tokenizer_spec(data_config))
 
 
 def tokenizer(data_config: Mapping[str, Any] | None = None) -> Tokenizer:
     """A fresh tokenizer for ``data_config.tokenizer``: "" (this dataset's own), "minilm" or a tokenizer.json path."""
-    return _load(_tokenizer_spec(data_config))
-
-
-@functools.lru_cache(maxsize=8)
-def _cached(spec: str, max_len: int) -> Tokenizer:
-    """One tokenizer per (spec, max_len), so concurrent encodes only ever set the same padding/truncation."""
-    return _load(spec)
-
-
-def encode_texts(
-    source: Mapping[str, Any] | Tokenizer | str | None, texts: Sequence[str], max_len: int | None = None
-) -> np.ndarray:
-    """int32 [len(texts), max_len] ids ([CLS] ... [SEP], right-padded with 0), as the dataset encodes captions.
-
-    ``source``: a data config (its ``tokenizer`` and ``max_len``), a tokenizer spec string ("" / "minilm" / path),
-    or a ``tokenizers.Tokenizer``. ``max_len`` defaults to the config's ``max_len``, else MAX_LEN.
-    """
-    texts = [t.decode("utf-8") if isinstance(t, (bytes, np.bytes_)) else str(t) for t in texts]
-    if isinstance(source, Tokenizer):
-        return encode_batch(source, texts, int(max_len or MAX_LEN))
-    if isinstance(source, str) or source is None:
-        spec, config_len = source or "", None
-    else:
-        spec, config_len = _tokenizer_spec(source), source.get("max_len", None)
-    length = int(max_len or config_len or MAX_LEN)
-    if not texts:
-        return np.zeros((0, length), np.int32)
-    return encode_batch(_cached(spec, length), texts, length)
+    return tokenizer_from(tokenizer_source(data_config))
 
 
 def class_prompts(templates: Sequence[str] = ZERO_SHOT_TEMPLATES) -> list[list[str]]:
@@ -778,10 +756,6 @@ def colour_prompts(templates: Sequence[str] = COLOUR_TEMPLATES) -> list[list[str
 
 
 # --------------------------------------------------------------------------------------------- dataset entry
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
 
 
 class ShapesSource:
@@ -798,13 +772,13 @@ class ShapesSource:
         example = self.source[int(index)]
         return {
             "image": np.asarray(example["image"], np.uint8),
-            "captions": [_text(t) for t in example["captions"]],
-            "negatives": [_text(t) for t in example["negatives"]],
-            "negative_kinds": [_text(t) for t in example["negative_kinds"]],
+            "captions": [as_text(t) for t in example["captions"]],
+            "negatives": [as_text(t) for t in example["negatives"]],
+            "negative_kinds": [as_text(t) for t in example["negative_kinds"]],
             "label": int(example["label"]),
             "colour": int(example["colour"]),
             "num_objects": int(example["num_objects"]),
-            "scene": _text(example["scene"]),
+            "scene": as_text(example["scene"]),
         }
 
 
@@ -819,8 +793,8 @@ class ShapesCaptionsPreprocess:
     def __call__(self, example: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return {
             "image": np.asarray(example["image"], np.float32) / 127.5 - 1.0,
-            "text": encode_texts(self.tokenizer, list(example["captions"]), self.max_len),
-            "negatives": encode_texts(self.tokenizer, list(example["negatives"]), self.max_len),
+            "text": encode_texts(_source(self.tokenizer), list(example["captions"]), self.max_len),
+            "negatives": encode_texts(_source(self.tokenizer), list(example["negatives"]), self.max_len),
             "label": np.int32(example["label"]),
         }
 
@@ -836,6 +810,7 @@ class ShapesCaptionsAugment:
         return {"image": example["image"], "text": np.asarray(example["text"])[choice], "label": example["label"]}
 
 
+@DATASETS.register("shapes_captions")
 def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     """Shapes-Captions for contrastive image-text training (see mmjax.data.shapes_captions for the batch contract).
 
@@ -845,12 +820,14 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     builder = build_on_process_zero(lambda: build(data_config.get("data_dir") or None))
     preprocess = ShapesCaptionsPreprocess(_tokenizer_spec(data_config), int(data_config.get("max_len", MAX_LEN)))
     prompts = class_prompts()
-    prompt_ids = encode_texts(preprocess.tokenizer, [p for per_class in prompts for p in per_class], preprocess.max_len)
+    prompt_ids = encode_texts(
+        _source(preprocess.tokenizer), [p for per_class in prompts for p in per_class], preprocess.max_len
+    )
     return Dataset(
         name="shapes_captions",
         source=lambda split: ShapesSource(builder.as_data_source(split=split)),
         preprocess=preprocess,
-        splits={name: info.num_examples for name, info in builder.info.splits.items()},
+        splits=split_sizes(builder),
         num_classes=len(SHAPES),
         modalities=("image", "text"),
         class_names=SHAPES,

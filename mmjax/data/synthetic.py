@@ -11,12 +11,14 @@ each batch, as a cached real dataset does.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 import numpy as np
 
-from mmjax.data.datasets import Dataset
+from mmjax.data.core import Dataset, identity
+from mmjax.registry import DATASETS
 
 TASKS = ("contrastive", "classification")
 
@@ -55,10 +57,7 @@ def make_pool(shapes: Mapping[str, tuple[int, ...]], *, token_keys=("text",), vo
     return pool
 
 
-def _identity(example):
-    return example
-
-
+@DATASETS.register("synthetic")
 def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     """Random inputs of the shapes in `data.synthetic` (see the module docstring); splits `train` and `test`."""
     options: dict[str, Any] = dict(data_config.get("synthetic", {}))
@@ -82,7 +81,7 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     return Dataset(
         name="synthetic",
         source=lambda split: sources[split],
-        preprocess=_identity,
+        preprocess=identity,
         splits={k: len(v) for k, v in sources.items()},
         num_classes=num_classes,
         modalities=tuple(sorted(shapes)),

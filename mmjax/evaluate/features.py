@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from mmjax.data import pipeline
+from mmjax.data.core import VALID_KEY
 from mmjax.evaluate.evaluator import EvalContext
 from mmjax.evaluate.outputs import gather_outputs
 
@@ -29,7 +30,7 @@ def _feature_step(model):
 
     def step(params, model_state, batch):
         return {**features({"params": params, **model_state}, batch), "label": batch["label"],
-                "valid": batch[pipeline.VALID_KEY]}
+                "valid": batch[VALID_KEY]}
 
     return step
 

@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mmjax.data import pipeline
-from mmjax.data.pipeline import VALID_KEY
+from mmjax.data.core import VALID_KEY
 from mmjax.tasks.base import Task
 
 

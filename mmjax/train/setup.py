@@ -20,7 +20,8 @@ from mmjax import config as config_lib
 from mmjax import reporting
 from mmjax.checks import check_number, check_positive_int, check_strings, is_int
 from mmjax.data import pipeline
-from mmjax.data.datasets import Dataset, get_dataset
+from mmjax.data.core import Dataset
+from mmjax.data.datasets import get_dataset
 from mmjax.evaluate.evaluator import Evaluator, build_evaluators, evaluate
 from mmjax.evaluate.outputs import jit_eval_step
 from mmjax.nn.builder import build_model

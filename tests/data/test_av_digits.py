@@ -63,7 +63,7 @@ def test_builder_metadata(data_dir):
 def test_split_sizes_cover_all_images_roughly_70_10_20(examples):
     sizes = {split: len(rows) for split, rows in examples.items()}
     assert sum(sizes.values()) == N_IMAGES
-    for split, fraction in zip(av_digits.SPLITS, av_digits.SPLIT_FRACTIONS):
+    for split, fraction in zip(av_digits.SPLITS, av_digits.SPLIT_FRACTIONS, strict=True):
         assert sizes[split] / N_IMAGES == pytest.approx(fraction, abs=0.01), sizes
 
 

@@ -86,7 +86,7 @@ def test_skip_mode_reports_every_bad_csv_row_by_row_and_line(tmp_path):
     assert report.skipped == len(expected) == 8
     got = [(b.row, b.reasons) for b in report.bad_rows]
     assert [r for r, _ in got] == [r for r, _ in expected]
-    for (_, reasons), (_, reason) in zip(got, expected):
+    for (_, reasons), (_, reason) in zip(got, expected, strict=True):
         assert len(reasons) == 1 and reasons[0].startswith(reason), (reasons, reason)
     # Rows after the two-line text sit one file line further down (line = row + 1 for the header, + 1).
     lines = {b.row: b.line for b in report.bad_rows}

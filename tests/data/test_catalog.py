@@ -28,7 +28,7 @@ from tensorflow_datasets.core import splits as splits_lib
 
 from mmjax.data import catalog, pipeline
 from mmjax.data.datasets import get_dataset
-from mmjax.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from mmjax.data.tokenization import encode_texts, load_tokenizer, save_tokenizer, train_tokenizer
 from mmjax.train import setup as setup_lib
 
 N = 20  # Mock examples per split (mock_data serves the same number for every split).
@@ -180,7 +180,7 @@ def test_coco_captions_under_mock_data(mocked, tokenizer_path):
     assert example["text"].shape == (5, MAX_LEN) and example["text"].dtype == np.int32
     assert example["label"] == 0 and example["label"].dtype == np.int32
     # The first five captions of the example, in order.
-    expected = catalog.encode_texts(tokenizer_path, [str(t) for t in raw["captions"]["text"][:5]], MAX_LEN)
+    expected = encode_texts(tokenizer_path, [str(t) for t in raw["captions"]["text"][:5]], MAX_LEN)
     np.testing.assert_array_equal(example["text"], expected)
     tokenizer = load_tokenizer(tokenizer_path)
     assert (example["text"][:, 0] == tokenizer.token_to_id("[CLS]")).all()
@@ -443,7 +443,7 @@ def test_real_array_record_files(prepared_dir, tokenizer_path):
     assert example["image"].shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
     # Image 2 has 6 captions (first 5 kept), image 0 has 4 (the last repeated).
     np.testing.assert_array_equal(
-        example["text"], catalog.encode_texts(tokenizer_path, [f"photo 2 caption {k}" for k in range(5)], MAX_LEN)
+        example["text"], encode_texts(tokenizer_path, [f"photo 2 caption {k}" for k in range(5)], MAX_LEN)
     )
     first = coco.preprocess(coco.source("val")[0])["text"]
     np.testing.assert_array_equal(first[3], first[4])

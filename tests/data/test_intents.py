@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from mmjax.data import intents  # Registers the "intents" dataset entry.
-from mmjax.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+from mmjax.data.tokenization import load_tokenizer, save_tokenizer, tokenizer_path, train_tokenizer
 from mmjax.registry import DATASETS
 from tests.conftest import REPO_ROOT
 
@@ -132,7 +132,7 @@ def test_generation_is_seeded_and_sizes_are_configurable(tmp_path):
 
 
 def test_every_text_fits_the_default_max_len_in_minilm_tokens():
-    tokenizer = load_tokenizer(intents.tokenizer_path("minilm"))
+    tokenizer = load_tokenizer(tokenizer_path("minilm"))
     tokenizer.no_padding()
     lengths = [len(tokenizer.encode(u.text).ids) for s in intents.SPLITS for u in intents.generate_split(s)]
     assert max(lengths) <= 32  # [CLS] ... [SEP]: nothing is truncated at data.max_len=32.
@@ -157,7 +157,7 @@ def test_dataset_entry_with_the_minilm_tokenizer(data_dir):
     ids, label = out["text"], out["label"]
     assert ids.dtype == np.int32 and ids.shape == (32,)
     assert label.dtype == np.int32 and label == example["label"]
-    tokenizer = load_tokenizer(intents.tokenizer_path("minilm"))
+    tokenizer = load_tokenizer(tokenizer_path("minilm"))
     real = int((ids != 0).sum())
     assert ids[0] == tokenizer.token_to_id("[CLS]") and ids[real - 1] == tokenizer.token_to_id("[SEP]")
     assert real < 32 and (ids[real:] == 0).all() and (ids[:real] != 0).all()  # Right-padded with [PAD] = 0.
@@ -173,7 +173,7 @@ def test_dataset_entry_with_a_tokenizer_file_and_truncation(data_dir, tmp_path):
     assert any((b["text"] != 0).all() for b in batch)  # Long texts are truncated to max_len...
     assert all(b["text"][0] == 2 for b in batch)  # ... and still start with [CLS].
     with pytest.raises(FileNotFoundError, match="data.tokenizer"):
-        intents.tokenizer_path(str(tmp_path / "missing.json"))
+        tokenizer_path(str(tmp_path / "missing.json"))
 
 
 def test_reading_needs_no_builder_code(data_dir):

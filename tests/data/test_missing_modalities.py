@@ -12,7 +12,7 @@ import pytest
 from experiments import av_digits
 from mmjax import config as config_lib
 from mmjax.data import pipeline
-from mmjax.data.datasets import Dataset
+from mmjax.data.core import Dataset
 from mmjax.nn.builder import build_model
 from mmjax.registry import DATASETS
 from mmjax.train import loop
@@ -55,7 +55,7 @@ def check_rows(batch, rows=None):
     """Every row: placeholder zeros and mask 0 where the example lacks a modality, its own values and mask 1 else."""
     assert batch["image_mask"].dtype == np.float32 and batch["audio_mask"].dtype == np.float32
     ids = batch["id"] if rows is None else batch["id"][rows]
-    for row, i in zip(range(len(ids)) if rows is None else np.flatnonzero(rows), ids):
+    for row, i in zip(range(len(ids)) if rows is None else np.flatnonzero(rows), ids, strict=True):
         for modality, lacks, value in (("image", lacks_image, i), ("audio", lacks_audio, -i)):
             expected = 0.0 if lacks(int(i)) else float(value)
             assert np.all(batch[modality][row] == expected), (modality, i)

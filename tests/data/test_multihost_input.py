@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from mmjax.data.datasets import Dataset
+from mmjax.data.core import Dataset
 
 NUM_TRAIN, NUM_EVAL = 48, 37  # 48 = 6 whole global batches of 8; 37 leaves each process a partial eval batch.
 GLOBAL_BATCH, PROCESSES, SEED = 8, 2, 7
@@ -111,7 +111,7 @@ def test_two_processes_read_disjoint_shards_that_cover_the_split(tmp_path):
         for i in range(PROCESSES)
     ]
     logs = [p.communicate(timeout=240)[0] for p in procs]
-    for p, log in zip(procs, logs):
+    for p, log in zip(procs, logs, strict=True):
         assert p.returncode == 0, log[-3000:]
     reports = []
     for path in outputs:
@@ -124,7 +124,7 @@ def test_two_processes_read_disjoint_shards_that_cover_the_split(tmp_path):
     assert all(len(s) == NUM_TRAIN // PROCESSES for s in shards)
     assert not set(shards[0]) & set(shards[1])
     assert sorted(shards[0] + shards[1]) == list(range(NUM_TRAIN))
-    for report, shard in zip(reports, shards):
+    for report, shard in zip(reports, shards, strict=True):
         assert sorted(report["train_reads"]) == shard
     # The global batches are those of one process, and process p holds rows [p*L, (p+1)*L) of each.
     reference_dataset, _ = indexed_dataset()

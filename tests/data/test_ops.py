@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmjax.data import audio as audio_lib
-from mmjax.data import ops, pipeline
-from mmjax.data.datasets import Dataset
+from mmjax.data import audio_features, ops, pipeline
+from mmjax.data.core import Dataset
 
 
 def op(spec, context=None):
@@ -60,7 +59,7 @@ def test_resize_and_crops():
     assert padded.shape == (8, 10, 3) and np.all(padded[0] == 0) and np.array_equal(padded[1:7], IMAGE)
     crop = op("random_crop(4)")
     out = crop(IMAGE, np.random.default_rng(3))
-    windows = [IMAGE[t : t + 4, l : l + 4] for t in range(3) for l in range(7)]
+    windows = [IMAGE[t : t + 4, c : c + 4] for t in range(3) for c in range(7)]
     assert any(np.array_equal(out, w) for w in windows)
     with pytest.raises(ValueError, match="smaller than the crop 8x8"):
         op("center_crop(8)")(IMAGE)
@@ -131,7 +130,7 @@ def test_log_mel_standardize_and_spec_augment():
     wave = _tone(440, 8000, 1.0)
     mel = op("log_mel(n_mels=20)", ops.Context(sample_rate=8000))(wave)
     # Defaults: 25 ms -> n_fft 256, hop 10 ms = 80 samples.
-    expected = audio_lib.log_mel_spectrogram(wave, 8000, n_fft=256, hop_length=80, n_mels=20)
+    expected = audio_features.log_mel_spectrogram(wave, 8000, n_fft=256, hop_length=80, n_mels=20)
     np.testing.assert_array_equal(mel, expected)
     assert mel.shape == (1 + (8000 - 256) // 80, 20) and mel.dtype == np.float32
     standard = op("standardize")(mel)
@@ -154,7 +153,7 @@ def test_log_mel_standardize_and_spec_augment():
 
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
-    from mmjax.data.tokenizer import save_tokenizer, train_tokenizer
+    from mmjax.data.tokenization import save_tokenizer, train_tokenizer
 
     texts = ["a red circle", "a blue square to the left of a red circle", "two green crosses"] * 5
     return save_tokenizer(train_tokenizer(texts, vocab_size=100), str(tmp_path_factory.mktemp("tok")))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mmjax.data import pipeline
-from mmjax.data.datasets import Dataset
+from mmjax.data.core import Dataset
 from mmjax.train import parallel
 
 
@@ -119,14 +119,14 @@ def test_augmentation_is_seeded_by_position_and_resumes_exactly():
     # Each example gets a new draw in each epoch (16 examples, batches of 8: epochs are batches 0-1, 2-3, 4-5).
     draws: dict[int, list[int]] = {}
     for batch in first + expected:
-        for example_id, draw in zip(batch["x"][:, 0].astype(int), batch["draw"]):
+        for example_id, draw in zip(batch["x"][:, 0].astype(int), batch["draw"], strict=True):
             draws.setdefault(example_id, []).append(int(draw))
     assert all(len(d) == 3 and len(set(d)) == 3 for d in draws.values())
 
 
 def _assert_batches_equal(got, want):
     assert len(got) == len(want)
-    for step, (g, w) in enumerate(zip(got, want)):
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
         assert sorted(g) == sorted(w), step
         for key in w:
             np.testing.assert_array_equal(np.asarray(g[key]), np.asarray(w[key]), err_msg=f"step {step} {key!r}")

@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from mmjax.data import shapes_captions as sc
 from mmjax.data.pipeline import input_spec
+from mmjax.data.tokenization import encode_texts
 from tests.conftest import REPO_ROOT
 
 SIZES = {"train": 160, "validation": 40, "test": 80, "test_seen": 40}
@@ -103,7 +104,7 @@ def is_true(text, objects):
     """Some assignment of the mentions to distinct objects satisfies every attribute and relation."""
     mentions, relations = parse(text)
     for chosen in itertools.permutations(objects, len(mentions)):
-        if any((o["size"], o["colour"], o["shape"]) != tuple(m) for o, m in zip(chosen, mentions)):
+        if any((o["size"], o["colour"], o["shape"]) != tuple(m) for o, m in zip(chosen, mentions, strict=True)):
             continue
         if all(_relation(chosen[i], chosen[j], r) for i, r, j in relations):
             return True
@@ -150,7 +151,7 @@ def test_built_examples_are_the_generated_and_rendered_ones(examples):
     for split, rows in examples.items():
         scenes = sc.generate_split(split, SIZES)
         images = sc.render(scenes, noise_stream=sc.SPLITS.index(split))
-        for row, scene, image in zip(rows, scenes, images):
+        for row, scene, image in zip(rows, scenes, images, strict=True):
             assert row["captions"] == list(scene.captions) and row["negatives"] == list(scene.negatives)
             assert row["scene"] == sc.scene_json(scene)
             np.testing.assert_array_equal(row["image"], image)  # PNG is lossless.
@@ -232,7 +233,7 @@ def test_negatives_are_minimal_edits_of_their_kind(examples):
     for example in _all(examples):
         n = example["num_objects"]
         assert len(example["negative_kinds"]) == sc.NEGATIVES_PER_SCENE
-        for negative, kind in zip(example["negatives"], example["negative_kinds"]):
+        for negative, kind in zip(example["negatives"], example["negative_kinds"], strict=True):
             assert kind in sc.NEGATIVE_KINDS
             assert kind.startswith("replace_" if n == 1 else "swap_"), (kind, n)
             assert kind in {_edit_kind(c, negative) for c in example["captions"]}, (kind, negative, example)
@@ -281,14 +282,14 @@ def test_relations_and_positions_agree_with_the_image(examples):
             assert len(xs) >= 8, o
             centroids.append((xs.mean() + 0.5, ys.mean() + 0.5))
             assert abs(centroids[-1][0] - o["x"] * 32) < 1.5 and abs(centroids[-1][1] - o["y"] * 32) < 2.0, o
-        for (a, ca), (b, cb) in itertools.permutations(zip(objects, centroids), 2):
+        for (a, ca), (b, cb) in itertools.permutations(zip(objects, centroids, strict=True), 2):
             if a["col"] < b["col"]:
                 assert ca[0] < cb[0]
             if a["row"] < b["row"]:
                 assert ca[1] < cb[1]
         for caption in example["captions"]:  # The stated relations, read in pixels.
             mentions, relations = parse(caption)
-            where = {(o["size"], o["colour"], o["shape"]): c for o, c in zip(objects, centroids)}
+            where = {(o["size"], o["colour"], o["shape"]): c for o, c in zip(objects, centroids, strict=True)}
             for i, relation, j in relations:
                 (ax, ay), (bx, by) = where[tuple(mentions[i])], where[tuple(mentions[j])]
                 assert {"to the left of": ax < bx, "to the right of": ax > bx, "above": ay < by, "below": ay > by}[
@@ -332,18 +333,20 @@ def test_own_tokenizer_is_deterministic_and_covers_every_text(examples):
         assert first.token_to_id(token) == i
     texts = [t for e in _all(examples) for t in e["captions"] + e["negatives"]]
     texts += [p for prompts in sc.class_prompts() + sc.colour_prompts() for p in prompts]
-    ids = sc.encode_texts(None, texts)
+    assert sc.tokenizer_source() is sc.build_tokenizer  # "" (the default): the dataset's own tokenizer.
+    ids = encode_texts(sc.tokenizer_source(), texts, sc.MAX_LEN)
     assert ids.shape == (len(texts), sc.MAX_LEN) and ids.dtype == np.int32
     assert not (ids == 1).any()  # No [UNK].
     assert (ids[:, 0] == 2).all() and ((ids == 3).sum(axis=1) == 1).all()  # [CLS] ... [SEP], never truncated.
-    np.testing.assert_array_equal(ids, sc.encode_texts(ml_collections.ConfigDict({"tokenizer": ""}), texts))
-    np.testing.assert_array_equal(sc.encode_texts(first, texts[:5]), ids[:5])
+    own = sc.tokenizer_source(ml_collections.ConfigDict({"tokenizer": ""}))
+    np.testing.assert_array_equal(ids, encode_texts(own, texts, sc.MAX_LEN))
+    np.testing.assert_array_equal(encode_texts(first, texts[:5], sc.MAX_LEN), ids[:5])
 
 
 def test_no_caption_the_grammar_can_make_is_longer_than_max_len():
     longest_relation = max(len(r.split()) for r in sc.RELATIONS)
     for templates in sc.TEMPLATES.values():
-        for template, pairs in templates:
+        for template, _pairs in templates:
             words = re.sub(r"\{\d\.phrase\}", "a size colour shape", template)
             words = re.sub(r"\{0\.colour_shape\}", "a colour shape", words)
             words = re.sub(r"\{r\d\}", " ".join(["w"] * longest_relation), words)
@@ -377,7 +380,8 @@ def test_dataset_entry_preprocess_and_augment(data_dir):
     assert out["text"].shape == (sc.CAPTIONS_PER_SCENE, sc.MAX_LEN) and out["text"].dtype == np.int32
     assert out["negatives"].shape == (sc.NEGATIVES_PER_SCENE, sc.MAX_LEN) and out["negatives"].dtype == np.int32
     assert out["label"].dtype == np.int32 and out["label"] == example["label"]
-    np.testing.assert_array_equal(out["text"], sc.encode_texts(config, example["captions"]))
+    captions = encode_texts(sc.tokenizer_source(config), example["captions"], sc.MAX_LEN)
+    np.testing.assert_array_equal(out["text"], captions)
 
     picks = set()
     for seed in range(20):
@@ -400,7 +404,8 @@ def test_dataset_entry_with_the_minilm_tokenizer(data_dir):
     dataset = sc.dataset(config)
     out = dataset.preprocess(dataset.source("validation")[0])
     assert out["text"].shape == (sc.CAPTIONS_PER_SCENE, 32) and (out["text"][:, 0] == 101).all()  # MiniLM [CLS].
-    prompts = sc.encode_texts(config, sc.class_prompts()[0])
+    assert sc.tokenizer_source(config) == "minilm"
+    prompts = encode_texts(sc.tokenizer_source(config), sc.class_prompts()[0], config.max_len)
     assert prompts.shape == (len(sc.ZERO_SHOT_TEMPLATES), 32) and not (prompts == 100).any()  # No MiniLM [UNK].
 
 

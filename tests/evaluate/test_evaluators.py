@@ -11,6 +11,7 @@ import pytest
 from experiments import av_digits
 from mmjax import config as config_lib
 from mmjax.data import pipeline
+from mmjax.data.core import VALID_KEY
 from mmjax.evaluate import classical, robustness
 from mmjax.evaluate import evaluator as evaluator_lib
 from mmjax.evaluate.features import extract_features
@@ -76,9 +77,9 @@ def test_split_metrics_are_the_task_metrics_of_the_model_outputs(tiny_run):
     batches = list(pipeline.eval_batches(s.dataset, "test", global_batch_size=s.config.data.eval_batch_size))
     logits = np.concatenate([
         np.asarray(s.model.apply({"params": state.params, **state.model_state},
-                                 {k: b[k] for k in s.keys if k != "label"}, train=False))[b[pipeline.VALID_KEY] > 0]
+                                 {k: b[k] for k in s.keys if k != "label"}, train=False))[b[VALID_KEY] > 0]
         for b in batches])
-    labels = np.concatenate([b["label"][b[pipeline.VALID_KEY] > 0] for b in batches])
+    labels = np.concatenate([b["label"][b[VALID_KEY] > 0] for b in batches])
     assert metrics["num_examples"] == len(labels) == 360
     assert metrics["accuracy"] == pytest.approx(np.mean(np.argmax(logits, -1) == labels))
 
@@ -91,7 +92,7 @@ def test_features_come_from_each_encoder_without_knowing_parameter_names(tiny_ru
     for modality, encoder in s.model.encoders.items():  # The encoder alone, on its own parameter subtree.
         variables = {"params": state.params[f"encoders_{modality}"]}
         expected = np.concatenate([
-            np.asarray(encoder.apply(variables, b[modality], train=False).pooled)[b[pipeline.VALID_KEY] > 0]
+            np.asarray(encoder.apply(variables, b[modality], train=False).pooled)[b[VALID_KEY] > 0]
             for b in batches])
         np.testing.assert_allclose(features[modality], expected, rtol=1e-5, atol=1e-6)
 

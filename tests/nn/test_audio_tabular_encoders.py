@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.data.audio import log_mel_spectrogram
+from mmjax.data.audio_features import log_mel_spectrogram
 from mmjax.nn.conv import Conv
 from mmjax.nn.encoders.audio import AudioSpectrogramTransformer, LogMelFrontend, SpectrogramCNN, extract_patches
 from mmjax.nn.encoders.tabular import TabularMLP, check_categorical, tabular_stats

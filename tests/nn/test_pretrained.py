@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import save_file
 from scipy.special import erf
 
-from mmjax.data.tokenizer import encode_batch
+from mmjax.data.tokenization import encode_batch
 from mmjax.nn import pretrained
 from mmjax.nn.builder import build_model
 

@@ -1,4 +1,4 @@
-"""Audio encoders over log-mel spectrograms `[B, frames, mels]` (the pipeline computes them, see mmjax.data.audio).
+"""Audio encoders over log-mel spectrograms `[B, frames, mels]` (the pipeline computes them, see mmjax.data.audio_features).
 
 * `spectrogram_cnn`: a small 2-D CNN.
 * `ast`: an Audio Spectrogram Transformer (Gong et al. 2021, "AST: Audio Spectrogram Transformer", Interspeech).
@@ -172,7 +172,7 @@ class AudioSpectrogramTransformer(nn.Module):
 
 
 class LogMelFrontend(nn.Module):
-    """`mmjax.data.audio.log_mel_spectrogram` in JAX: waveforms `[..., samples]` -> float32 `[..., frames, n_mels]`.
+    """`mmjax.data.audio_features.log_mel_spectrogram` in JAX: waveforms `[..., samples]` -> float32 `[..., frames, n_mels]`.
 
     Same analysis as the NumPy pipeline (periodic Hann frames of `n_fft` samples every `hop_length`, no centre
     padding, `|rfft|**2` through the same HTK mel filterbank, `log(max(mel, log_floor))`); it matches it to
@@ -193,7 +193,8 @@ class LogMelFrontend(nn.Module):
 
     @nn.compact
     def __call__(self, waveform: jax.Array, *, train: bool = False) -> jax.Array:
-        from mmjax.data.audio import _hann, mel_filterbank
+        from mmjax.data.audio_features import hann_window as _hann
+        from mmjax.data.audio_features import mel_filterbank
 
         del train
         filters = mel_filterbank(self.sample_rate, self.n_fft, self.n_mels, self.fmin, self.fmax)

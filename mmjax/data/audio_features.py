@@ -1,4 +1,4 @@
-"""NumPy audio front end: log-mel spectrograms, resampling and length fitting.
+"""NumPy audio front end: log-mel spectrograms, resampling, length fitting and per-utterance standardisation.
 
 Used per example inside Grain map functions, so everything is vectorised and the mel
 filterbank is built once per parameter set (cached). Integer waveforms (e.g. int16)
@@ -13,13 +13,17 @@ import math
 import numpy as np
 from scipy import signal
 
+from mmjax.data.core import is_int, positive_int
+
 __all__ = [
     "fit_length",
+    "hann_window",
     "hz_to_mel",
     "log_mel_spectrogram",
     "mel_filterbank",
     "mel_to_hz",
     "resample",
+    "standardize",
 ]
 
 
@@ -31,12 +35,6 @@ def hz_to_mel(hz):
 def mel_to_hz(mel):
     """Inverse of :func:`hz_to_mel`."""
     return 700.0 * (10.0 ** (np.asarray(mel, dtype=np.float64) / 2595.0) - 1.0)
-
-
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 def _resolve_band(sample_rate: int, fmin: float, fmax: float | None) -> tuple[float, float]:
@@ -59,9 +57,9 @@ def mel_filterbank(
     with ``n_mels + 2`` centres equally spaced in mel between ``fmin`` and ``fmax``.
     Cached and read-only: callers share one array per parameter set.
     """
-    sample_rate = _check_positive_int("sample_rate", sample_rate)
-    n_fft = _check_positive_int("n_fft", n_fft)
-    n_mels = _check_positive_int("n_mels", n_mels)
+    sample_rate = positive_int("sample_rate", sample_rate)
+    n_fft = positive_int("n_fft", n_fft)
+    n_mels = positive_int("n_mels", n_mels)
     fmin, fmax = _resolve_band(sample_rate, fmin, fmax)
     bin_hz = np.fft.rfftfreq(n_fft, d=1.0 / sample_rate)
     edges_hz = mel_to_hz(np.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2))
@@ -84,7 +82,8 @@ def _as_float_audio(waveform) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _hann(n_fft: int) -> np.ndarray:
+def hann_window(n_fft: int) -> np.ndarray:
+    """The periodic Hann window of `n_fft` samples, float32, cached and read-only (shared by the JAX front end)."""
     window = signal.get_window("hann", n_fft, fftbins=True).astype(np.float32)
     window.flags.writeable = False
     return window
@@ -108,10 +107,10 @@ def log_mel_spectrogram(
     spectrum ``|rfft|**2`` goes through :func:`mel_filterbank`, then
     ``log(max(power, log_floor))``. Leading axes of ``waveform`` are kept (batches).
     """
-    sample_rate = _check_positive_int("sample_rate", sample_rate)
-    n_fft = _check_positive_int("n_fft", n_fft)
-    hop_length = _check_positive_int("hop_length", hop_length)
-    n_mels = _check_positive_int("n_mels", n_mels)
+    sample_rate = positive_int("sample_rate", sample_rate)
+    n_fft = positive_int("n_fft", n_fft)
+    hop_length = positive_int("hop_length", hop_length)
+    n_mels = positive_int("n_mels", n_mels)
     if not log_floor > 0:
         raise ValueError(f"log_floor must be > 0, got {log_floor!r}")
     audio = _as_float_audio(waveform)
@@ -121,7 +120,7 @@ def log_mel_spectrogram(
         )
     filters = mel_filterbank(sample_rate, n_fft, n_mels, fmin, fmax)
     frames = np.lib.stride_tricks.sliding_window_view(audio, n_fft, axis=-1)[..., ::hop_length, :]
-    spectrum = np.fft.rfft(frames * _hann(n_fft), axis=-1)
+    spectrum = np.fft.rfft(frames * hann_window(n_fft), axis=-1)
     power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
     mel = power @ filters
     return np.log(np.maximum(mel, np.float32(log_floor)))
@@ -133,8 +132,8 @@ def resample(waveform, orig_rate: int, new_rate: int) -> np.ndarray:
     The output keeps the input's units (int16 input gives float samples on the int16
     scale); its length is ``ceil(samples * new_rate / orig_rate)``.
     """
-    orig_rate = _check_positive_int("orig_rate", orig_rate)
-    new_rate = _check_positive_int("new_rate", new_rate)
+    orig_rate = positive_int("orig_rate", orig_rate)
+    new_rate = positive_int("new_rate", new_rate)
     waveform = np.asarray(waveform)
     if not (np.issubdtype(waveform.dtype, np.integer) or np.issubdtype(waveform.dtype, np.floating)):
         raise TypeError(f"waveform must have an integer or float dtype, got {waveform.dtype}")
@@ -169,8 +168,8 @@ def fit_length(waveform, n: int, *, offset: int = 0) -> np.ndarray:
     that many leading samples; whatever then exceeds ``n`` is cut from the end and any
     shortfall is zero-padded at the end. The dtype is preserved.
     """
-    n = _check_positive_int("n", n)
-    if isinstance(offset, bool) or not isinstance(offset, (int, np.integer)):
+    n = positive_int("n", n)
+    if not is_int(offset):
         raise ValueError(f"offset must be an int, got {offset!r}")
     waveform = np.asarray(waveform)
     if waveform.ndim == 0:
@@ -182,3 +181,9 @@ def fit_length(waveform, n: int, *, offset: int = 0) -> np.ndarray:
     if count > 0:
         out[..., dst_start : dst_start + count] = waveform[..., src_start : src_start + count]
     return out
+
+
+def standardize(x, eps: float = 1e-5) -> np.ndarray:
+    """float32 ``(x - mean(x)) / (std(x) + eps)`` over the whole array, e.g. a per-utterance normalised log-mel."""
+    x = np.asarray(x, np.float32)
+    return (x - x.mean()) / (x.std() + np.float32(eps))

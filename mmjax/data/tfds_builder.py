@@ -1,4 +1,4 @@
-"""Pieces shared by mmjax's own TFDS builders: array_record output, byte-identical rebuilds, build-once."""
+"""Pieces shared by mmjax's TFDS builders: array_record output, byte-identical rebuilds, build-once, split sizes."""
 
 from __future__ import annotations
 
@@ -48,3 +48,8 @@ def prepare(builder: tfds.core.DatasetBuilder) -> tfds.core.DatasetBuilder:
     builder.download_and_prepare()
     print(f"{builder.name}: built in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return builder
+
+
+def split_sizes(builder: tfds.core.DatasetBuilder) -> dict[str, int]:
+    """``{split: number of examples}`` of a prepared builder (a `Dataset`'s ``splits``)."""
+    return {name: info.num_examples for name, info in builder.info.splits.items()}

