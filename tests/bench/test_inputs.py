@@ -1,10 +1,10 @@
-"""`python -m mmjax.data.bench` in a tiny configuration: input-pipeline rates, train-step rates, table and JSON."""
+"""`python -m mmjax.bench.inputs` in a tiny configuration: input-pipeline rates, train-step rates, table and JSON."""
 
 import json
 
 import pytest
 
-from mmjax.data import bench
+from mmjax.bench import inputs as bench
 
 TINY_MODEL = ["model.encoders.image.features=(4,)", "model.encoders.image.width=16",
               "model.encoders.audio.features=(4,)", "model.encoders.audio.width=16", "model.head.hidden=(16,)",

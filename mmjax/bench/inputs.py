@@ -1,6 +1,6 @@
 """Input-pipeline benchmark: examples/s of each dataset's training stream next to what its train step consumes.
 
-    python -m mmjax.data.bench [--datasets av_digits,intents,shapes_captions,files,files_uncached]
+    python -m mmjax.bench.inputs [--datasets av_digits,intents,shapes_captions,files,files_uncached]
         [--batches 50] [--warmup-batches 5] [--steps 5] [--files-examples 512] [--data-dir DIR]
         [--override NAME:KEY=VALUE ...] [--no-step] [--json PATH]
 
@@ -14,7 +14,7 @@ the same without `data.cache_in_memory`, so every example is decoded and transfo
   workers, in-memory cache when the experiment uses one; the cache is filled before timing and reported as
   `setup_s`), `--warmup-batches` untimed, then `--batches` timed in 5 windows: examples/s of the pipeline alone,
   the median window (the overall rate is in the JSON);
-- step: the experiment's jitted train step (`loop.setup(config).train_step_fn()`), compiled, then `--steps`
+- step: the experiment's jitted train step (`setup(config).train_step_fn()`), compiled, then `--steps`
   steps timed on one batch already on the devices: examples/s the step consumes (median step);
 - ratio = input / step. Below 5x the input pipeline risks stalling training when the machine is busy (Grain reads
   ahead in threads, but those threads share the cores with the step); the table marks it.
@@ -34,8 +34,16 @@ import tempfile
 import time
 from typing import Any, Callable, Sequence
 
+import jax
 import ml_collections
 import numpy as np
+
+from mmjax import config as config_lib
+from mmjax import experiment
+from mmjax.bench.train_step import time_steps
+from mmjax.data import build, pipeline
+from mmjax.data.files import open_built
+from mmjax.train.setup import load_dataset, setup
 
 TARGET_RATIO = 5.0
 
@@ -56,16 +64,10 @@ FILES_PREPROCESS = {
 def experiment_config(name: str, files_dir: str | None, data_dir: str | None,
                       overrides: Sequence[str]) -> ml_collections.ConfigDict:
     """The config training would use for `name` (its experiment's variant), with the given overrides."""
-    import importlib
-
-    from mmjax import config as config_lib
-
     module_name, variant = EXPERIMENTS[name]
-    module = importlib.import_module(f"experiments.{module_name}")
+    module = experiment.load(module_name)
     config = module.get_config()
     if name.startswith("files"):
-        from mmjax.data.files import open_built
-
         data = config.data.to_dict()
         data.pop("target", None)
         data.update(name="files", data_dir=files_dir, preprocess=dict(FILES_PREPROCESS),
@@ -81,11 +83,8 @@ def experiment_config(name: str, files_dir: str | None, data_dir: str | None,
 
 def measure_input(config: ml_collections.ConfigDict, *, batches: int, warmup: int) -> dict[str, Any]:
     """Examples/s of the training stream alone (the in-memory cache, if any, filled first and timed apart)."""
-    from mmjax.data import pipeline
-    from mmjax.train import loop
-
     start = time.perf_counter()
-    dataset = loop._dataset(config.data)  # The dataset (and cache) loop.setup uses, so both share one cache.
+    dataset = load_dataset(config.data)  # The dataset (and cache) `setup` uses, so both share one cache.
     stream = pipeline.train_dataset(
         dataset, config.data.train_split, global_batch_size=config.data.batch_size, seed=config.seed,
         num_threads=config.data.num_threads, num_workers=config.data.num_workers,
@@ -111,13 +110,7 @@ def measure_input(config: ml_collections.ConfigDict, *, batches: int, warmup: in
 
 def measure_step(config: ml_collections.ConfigDict, *, steps: int) -> dict[str, Any]:
     """Examples/s of the jitted train step alone (one batch on the devices, compiled first)."""
-    import jax
-
-    from mmjax.bench.step import time_steps
-    from mmjax.data import pipeline
-    from mmjax.train import loop
-
-    s = loop.setup(config)
+    s = setup(config)
     state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
     host = next(iter(pipeline.train_dataset(s.dataset, config.data.train_split,
                                             global_batch_size=config.data.batch_size, seed=config.seed)))
@@ -139,8 +132,6 @@ def run(names: Sequence[str], *, batches: int = 50, warmup: int = 5, steps: int 
     with tempfile.TemporaryDirectory(prefix="mmjax_data_bench_") as tmp:
         files_dir = None
         if any(n.startswith("files") for n in names):
-            from mmjax.data import build
-
             log(f"files: generating {files_examples} PNG/WAV examples and building them")
             manifest = build.write_example_folder(os.path.join(tmp, "raw"), files_examples, num_classes=10)
             files_dir = os.path.join(tmp, "built")
@@ -191,7 +182,7 @@ def _overrides(items: Sequence[str], names: Sequence[str]) -> dict[str, list[str
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="python -m mmjax.data.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m mmjax.bench.inputs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default=",".join(EXPERIMENTS), help="comma-separated; valid: "
                         + ", ".join(EXPERIMENTS))
