@@ -34,7 +34,8 @@ setup(
         "safetensors>=0.5,<0.9",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],  # -n auto: one worker per core.
+        # -n auto: one worker per core; lint-imports checks the layers (.importlinter), ruff the style (ruff.toml).
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "import-linter>=2.16,<3", "ruff>=0.17,<0.18"],
         # Only to prepare or convert TFDS catalog data (`tfds build ...`, `tfds convert_format ...`, see
         # mmjax.data.catalog); training reads array_record without TensorFlow. Not installed or tested here.
         "tfrecord": [

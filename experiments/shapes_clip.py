@@ -64,7 +64,7 @@ def _clip(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _siglip(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    from mmjax.nn.contrastive import SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT
+    from mmjax.nn.models.two_tower import SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT
 
     config.task = {"name": "siglip", "chunked": True}  # The device ring; equal to the plain loss (tested).
     config.model.two_tower.logit_scale_init = SIGLIP_LOGIT_SCALE_INIT

@@ -61,8 +61,8 @@ def run_variants(
     Each run resumes on its own; a preempted run stops the sequence (re-running continues it). Writes
     `workdir/summary.json` and `workdir/summary.md` and prints the table.
     """
-    from mmjax import reporting
-    from mmjax.train import loop
+    from mmjax import reporting  # Here, not at the top: experiments import this module before the CLI's re-exec,
+    from mmjax.train import loop  # which must come before JAX is imported (cli.reexec_with_hugepages).
 
     unknown = [v for v in config.variants if v not in variants]
     if unknown:

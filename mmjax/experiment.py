@@ -120,7 +120,7 @@ def runner(module: ModuleType) -> Callable[[ml_collections.ConfigDict, str], Any
 
             return compare.run_variants(config, workdir, variants,
                                         metrics=getattr(module, "METRICS", compare.DEFAULT_METRICS))
-        from mmjax.train import loop
+        from mmjax.train import loop  # JAX only once running, after the CLI's re-exec (see cli.start).
 
         return loop.run(config, workdir)
 

@@ -6,7 +6,8 @@ An unknown name fails with the list of valid names and the closest match, before
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterable, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

@@ -25,7 +25,6 @@ from mmjax.data.datasets import get_dataset
 from mmjax.nn.builder import build_model
 from mmjax.registry import DATASETS
 from mmjax.tasks import build_task
-from mmjax.train import loop
 from mmjax.train import setup as setup_lib
 from mmjax.train import workdir as workdir_lib
 from tests.conftest import tiny_overrides

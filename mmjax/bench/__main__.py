@@ -1,9 +1,9 @@
-"""`python -m mmjax.bench --config experiments/NAME.py[:PRESET]`: the train-step benchmark (see mmjax.bench.step).
+"""`python -m mmjax.bench --config experiments/NAME.py[:PRESET]`: the train-step benchmark (see mmjax.bench.train_step).
 
-The convolution micro-benchmark is `python -m mmjax.bench.conv`.
+The convolution micro-benchmark is `python -m mmjax.bench.convolution`.
 """
 
-from mmjax.bench.step import main
+from mmjax.bench.train_step import main
 
 if __name__ == "__main__":
     main()

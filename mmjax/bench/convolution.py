@@ -1,6 +1,6 @@
 """Micro-benchmark of 2-D convolutions (``impl='xla'`` vs ``'cpu'``) and a whole-module timer.
 
-Run ``python -m mmjax.bench.conv`` (optionally ``--repeats N --warmup N --json PATH``). For conv
+Run ``python -m mmjax.bench.convolution`` (optionally ``--repeats N --warmup N --json PATH``). For conv
 layers typical of small multimodal encoders (batch 64, NHWC, float32) it prints the median
 forward time, input-gradient time, kernel-gradient time, full forward+backward time (output and
 both gradients in one jitted call, where XLA may overlap the two gradients) and the ratio
@@ -79,6 +79,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmjax import experiment
+from mmjax.data import av_digits as av_digits_data
+from mmjax.nn.builder import build_model
 from mmjax.nn.conv import conv2d
 
 IMPLS_COMPARED = ("xla", "cpu")
@@ -277,10 +280,6 @@ def default_encoders(batch: int = 64) -> dict[str, tuple[Callable[[str], Any], j
 
     Returns ``{modality: (make_module(conv_impl), inputs)}``.
     """
-    from mmjax import experiment
-    from mmjax.data import av_digits as av_digits_data
-    from mmjax.nn.builder import build_model
-
     config = experiment.load("av_digits").get_config()
     shapes = {
         "image": (batch, 8, 8, 1),

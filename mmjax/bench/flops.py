@@ -10,7 +10,8 @@ counted exactly).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax.extend import core as jex_core

@@ -38,6 +38,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from mmjax import cli, experiment
+from mmjax.bench.flops import model_flops
+from mmjax.data import pipeline
+from mmjax.train.memory import compiled_memory
+from mmjax.train.setup import setup
+from mmjax.train.state import count_parameters
 
 RECOMPILED_EXIT_CODE = 3
 
@@ -101,12 +106,6 @@ def time_steps(step_fn, state, batch, steps: int) -> tuple[Any, list[float]]:
 
 def benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3) -> dict[str, Any]:
     """Times the experiment's train step (see the module docstring); returns every figure as a dict."""
-    from mmjax.bench.flops import model_flops
-    from mmjax.data import pipeline
-    from mmjax.train.memory import compiled_memory
-    from mmjax.train.setup import setup
-    from mmjax.train.state import count_parameters
-
     if steps < 1 or warmup < 1:
         raise ValueError(f"--steps {steps} and --warmup {warmup} must both be >= 1")
     counter = _CompileCounter()

@@ -10,7 +10,8 @@ inputs give the same numbers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 from sklearn.base import ClassifierMixin
@@ -22,7 +23,6 @@ from sklearn.svm import SVC
 
 from mmjax.evaluate.evaluator import EVALUATORS, EvalContext, Evaluator
 from mmjax.evaluate.features import extract_features
-
 from mmjax.metrics.classification import classification_metrics
 
 CLASSIFIERS = ("svm", "random_forest")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar, Iterable, Mapping, Protocol, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol
 
 import jax
 import ml_collections
@@ -66,7 +67,9 @@ def build_evaluator(name: str, options: Mapping[str, Any] | None = None) -> Eval
     fields = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
     unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise ValueError(f"config eval.{name}: unknown option(s) {unknown}; valid: {fields}.{closest(unknown[0], fields)}")
+        raise ValueError(
+            f"config eval.{name}: unknown option(s) {unknown}; valid: {fields}.{closest(unknown[0], fields)}"
+        )
     return cls(**options)
 
 

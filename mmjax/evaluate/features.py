@@ -6,7 +6,8 @@ For classical baselines, probing, clustering or plots. No caller needs to know p
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,7 +27,7 @@ def _feature_step(model):
         def features(variables, batch):
             return {m: model.apply(variables, m, batch[m], method="embed") for m in sorted(model.encoders)}
     else:
-        raise ValueError(f"model {type(model).__name__} has neither an encode nor an embed method to take features from")
+        raise ValueError(f"model {type(model).__name__} has neither an encode nor an embed method to give features")
 
     def step(params, model_state, batch):
         return {**features({"params": params, **model_state}, batch), "label": batch["label"],
@@ -35,8 +36,9 @@ def _feature_step(model):
     return step
 
 
-def extract_features(context: EvalContext, state: Any, split: str,
-                     batches: Iterable[Mapping[str, np.ndarray]] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def extract_features(
+    context: EvalContext, state: Any, split: str, batches: Iterable[Mapping[str, np.ndarray]] | None = None
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """`({modality: features [N, D]}, labels [N])` over every example of `split` (or of the given host batches)."""
     if batches is None:
         batches = pipeline.eval_batches(context.dataset, split, global_batch_size=context.config.data.eval_batch_size)

@@ -7,7 +7,8 @@ batch and the padding rows are dropped, so metrics are exact whatever the device
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,7 +20,8 @@ from mmjax.data.core import VALID_KEY
 from mmjax.tasks.base import Task
 
 
-def eval_step(params, model_state, batch: Mapping[str, jax.Array], *, model: nn.Module, task: Task) -> dict[str, jax.Array]:
+def eval_step(params, model_state, batch: Mapping[str, jax.Array], *, model: nn.Module,
+              task: Task) -> dict[str, jax.Array]:
     """Per-example outputs (the task's predictions, label, validity, loss), gathered on the host for exact metrics."""
     outputs = model.apply({"params": params, **model_state}, batch, train=False)
     return {

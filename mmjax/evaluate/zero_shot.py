@@ -8,7 +8,8 @@ renormalised (CLIP's prompt ensembling); an image's class is the most similar on
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 import jax
 import numpy as np

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn import metrics as skm
@@ -41,7 +41,8 @@ def classification_metrics(
     }
 
 
-def multilabel_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float, class_names: Sequence[str] = ()) -> dict:
+def multilabel_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float,
+                       class_names: Sequence[str] = ()) -> dict:
     """Subset accuracy, micro/macro-F1 at `threshold`, mAP over the classes with a positive, per-class F1/support."""
     labels = np.asarray(labels) > 0.5
     scores = np.asarray(scores)

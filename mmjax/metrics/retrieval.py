@@ -13,7 +13,7 @@ Ranks are 1-based and count only strictly better candidates, so ties are resolve
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -8,28 +8,29 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mmjax.checks import is_int, is_number
+
 # Importing the module files registers their encoders, fusions and heads.
 from mmjax.nn import fusion as _fusion  # noqa: F401
 from mmjax.nn import heads as _heads  # noqa: F401
+from mmjax.nn.conv import IMPLS as CONV_IMPLS
 from mmjax.nn.encoders import audio as _audio  # noqa: F401
 from mmjax.nn.encoders import image as _image  # noqa: F401
 from mmjax.nn.encoders import tabular as _tabular  # noqa: F401
 from mmjax.nn.encoders import text as _text  # noqa: F401
-from mmjax.checks import is_int, is_number
-from mmjax.nn.conv import IMPLS as CONV_IMPLS
 from mmjax.nn.models.matching import build_matching
 from mmjax.nn.models.multimodal import MultimodalModel
 from mmjax.nn.models.two_tower import TwoTower
 from mmjax.nn.transformer import ATTENTION_IMPLS, REMAT_POLICIES
 from mmjax.registry import ENCODERS, FUSIONS, HEADS, Registry, invalid_choice
-
 
 # Module fields that count something (channels, widths, layers, heads, positions, patch sizes): each must be a
 # positive int (or a sequence of them). A zero or negative value otherwise fails deep inside Flax/XLA with a

@@ -11,7 +11,7 @@ handles badly. Small CNN encoders therefore train several times slower per step 
 forward cost suggests.
 
 What ``impl='cpu'`` does instead (values equal ``lax.conv_general_dilated`` up to float
-summation order; figures are medians on 2 AMD EPYC cores, batch 64, see ``mmjax.bench.conv``):
+summation order; figures are medians on 2 AMD EPYC cores, batch 64, see ``mmjax.bench.convolution``):
 
 * **Kernel gradient**: the same XLA kernel-gradient convolution, issued once per *chunk of
   examples* (about ``_CHUNK_BYTES`` of input each, i.e. one 40x50x16 example or four 25x20x16
@@ -165,9 +165,9 @@ def kernel_grad(
 
     Issues XLA's kernel-gradient convolution once per chunk of ``examples_per_chunk``
     examples (default: :func:`examples_per_chunk_for` with ``jax.device_count()`` read at
-    trace time) and sums the partial results in float32. Chunk ``j`` holds examples ``j, j + K, j + 2K, ...`` (``K`` chunks): a batch
-    sharded in contiguous blocks over devices then splits into chunks locally on each
-    device, with no data movement.
+    trace time) and sums the partial results in float32. Chunk ``j`` holds examples
+    ``j, j + K, j + 2K, ...`` (``K`` chunks): a batch sharded in contiguous blocks over
+    devices then splits into chunks locally on each device, with no data movement.
     """
     batch = x.shape[0]
     acc_dtype = jnp.promote_types(x.dtype, jnp.float32)

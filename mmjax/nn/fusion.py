@@ -24,7 +24,8 @@ A fusion whose class sets `produces_logits = True` is decision-level: it owns it
 from __future__ import annotations
 
 import functools
-from typing import Callable, ClassVar, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax

@@ -27,7 +27,8 @@ import json
 import logging
 import os
 import re
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn

@@ -176,7 +176,7 @@ class _Record:
         return rank(self.trials, self.sweep.metric, self.sweep.mode)
 
     def save(self) -> None:
-        from mmjax import reporting
+        from mmjax import reporting  # Imports JAX: only once running, after the CLI's re-exec (see cli.start).
 
         if not reporting.is_primary():
             return

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -94,5 +95,7 @@ def build_task(task_config: Mapping[str, Any] | None, num_classes: int, class_na
     fields = {f.name for f in dataclasses.fields(cls)} - {"num_classes", "class_names", "mesh"}
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise ValueError(f"config task ({task_name(task_config)}): unknown option(s) {unknown}; valid: {sorted(fields)}")
+        raise ValueError(
+            f"config task ({task_name(task_config)}): unknown option(s) {unknown}; valid: {sorted(fields)}"
+        )
     return cls(num_classes=num_classes, class_names=tuple(class_names), **options)

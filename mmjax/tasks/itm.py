@@ -27,7 +27,8 @@ binding (`binding_accuracy`, `binding_all`), cross-encoder binding with the ITM 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp

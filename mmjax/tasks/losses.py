@@ -15,7 +15,7 @@ devices or hosts compute the same loss on the same batch.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp

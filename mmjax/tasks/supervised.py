@@ -7,7 +7,8 @@ ids `[B]` (classification), multi-hot `[B, K]` (multilabel), float targets `[B]`
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Mapping
+from collections.abc import Mapping
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp

@@ -29,13 +29,15 @@ import os
 import shutil
 import time
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers
 
@@ -334,7 +336,8 @@ class Checkpointer:
         """The kept step with the best `best_metric` value (error when no step recorded it)."""
         if not self._best_metric:
             raise ValueError("no checkpoint.best_metric is configured, so there is no best step")
-        scored = [(m[self._best_metric], s) for s in self.all_steps() if (m := self.metrics(s)) and self._best_metric in m]
+        scored = [(m[self._best_metric], s) for s in self.all_steps()
+                  if (m := self.metrics(s)) and self._best_metric in m]
         if not scored:
             raise ValueError(f"no checkpoint in {self.directory} recorded {self._best_metric!r}")
         return (max if self._best_mode == "max" else min)(scored)[1]
@@ -391,6 +394,4 @@ class Checkpointer:
 
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)

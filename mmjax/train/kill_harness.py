@@ -38,7 +38,14 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mmjax.train import checkpoint
 
 EXPERIMENT = "experiments.av_digits"
 VARIANT = "early"
@@ -72,7 +79,8 @@ def _command(workdir: str, data_dir: str, steps: int) -> list[str]:
     overrides = {**TINY_OVERRIDES, "train.num_steps": steps}
     if data_dir:
         overrides["data.data_dir"] = data_dir
-    return [sys.executable, "-m", EXPERIMENT, "--workdir", workdir, *(f"--config.{k}={v}" for k, v in overrides.items())]
+    return [sys.executable, "-m", EXPERIMENT, "--workdir", workdir,
+            *(f"--config.{k}={v}" for k, v in overrides.items())]
 
 
 def _env(root: str, devices: int) -> dict[str, str]:
@@ -308,10 +316,6 @@ class Harness:
 
 def _raw_state(step_dir: str) -> Any:
     """A step's state as saved (numpy leaves), read without a target, and its meta item."""
-    import warnings
-
-    import orbax.checkpoint as ocp
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "Sharding info not provided": read onto this process's CPU.
         state = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "state"))
@@ -322,8 +326,6 @@ def _raw_state(step_dir: str) -> Any:
 
 def verify_kept_steps(checkpoints: str) -> int:
     """Checks every committed step of `checkpoints` against its fingerprint; returns how many were verified."""
-    from mmjax.train import checkpoint
-
     steps = sorted(committed_steps(checkpoints))
     for step in steps:
         state, meta = _raw_state(os.path.join(checkpoints, str(step)))
@@ -333,9 +335,6 @@ def verify_kept_steps(checkpoints: str) -> int:
 
 
 def _flat(tree: Any) -> dict[str, Any]:
-    import jax
-    import numpy as np
-
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 

@@ -67,7 +67,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     num_workers=config.data.num_workers,
                 )
             ),
-            pipeline.checked_to_global(spec, s.keys, pipeline.local_batch_size(config.data.batch_size), s.batch_sharding),
+            pipeline.checked_to_global(spec, s.keys, pipeline.local_batch_size(config.data.batch_size),
+                                       s.batch_sharding),
             size=config.data.get("prefetch", 2),
         )
         manager = checkpointer(workdir, config)
@@ -107,7 +108,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         results["nonfinite_skipped_steps"] = outcome["skipped"]
     if reporting.is_primary():
         reliability.write_json_atomic(os.path.join(workdir, RESULTS_FILENAME), results, indent=2)
-        reporting.plot_curves(reporting.read_metrics(workdir), os.path.join(workdir, "curves.png"), config.get("name", ""))
+        reporting.plot_curves(reporting.read_metrics(workdir), os.path.join(workdir, "curves.png"),
+                              config.get("name", ""))
     return results
 
 
@@ -118,7 +120,9 @@ def _close_after_error(checkpointer: Checkpointer, writer: reporting.MetricWrite
         try:
             close()
         except Exception as error:  # noqa: BLE001 - the original error is the one to report.
-            reporting.console(f"while stopping after an error: {close.__qualname__} failed: {type(error).__name__}: {error}")
+            reporting.console(
+                f"while stopping after an error: {close.__qualname__} failed: {type(error).__name__}: {error}"
+            )
 
 
 def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, writer: reporting.MetricWriter,
@@ -247,7 +251,8 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
     if last_eval and last_eval[0] == num_steps:
         final = last_eval[1]
     else:  # A finished run saved without its evaluation (older checkpoints): evaluate, logging it only once.
-        logged = any(r["step"] == num_steps and r["split"] in config.eval.splits for r in reporting.read_metrics(workdir))
+        records = reporting.read_metrics(workdir)
+        logged = any(r["step"] == num_steps and r["split"] in config.eval.splits for r in records)
         final = evaluate_all(num_steps, log=not logged)
     return {"preempted": False, "start_step": start_step, "final": final, "memory": memory,
             "step_times": step_times, "train_seconds": train_seconds, "skipped": skipped}

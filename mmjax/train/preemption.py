@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -45,7 +45,7 @@ class StopRequest:
         self.acted_on = False
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["StopRequest"]:
+    def installed(self) -> Iterator[StopRequest]:
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
@@ -54,7 +54,9 @@ class StopRequest:
         def handler(signum, frame):
             name = signal.Signals(signum).name
             if self.signal is not None:
-                raise KeyboardInterrupt(f"second signal ({name}) while stopping: stopping now, without a new checkpoint")
+                raise KeyboardInterrupt(
+                    f"second signal ({name}) while stopping: stopping now, without a new checkpoint"
+                )
             self.signal = signum
             reporting.console(f"received {name}: finishing this step and saving a checkpoint")
 
@@ -69,7 +71,8 @@ class StopRequest:
                 signal.signal(s, h)
             if finished and self.signal is not None and not self.acted_on:
                 StopRequest.carried_over = self.signal
-                reporting.console(f"{signal.Signals(self.signal).name} arrived after the last step, so this run finished; "
+                reporting.console(f"{signal.Signals(self.signal).name} arrived after the last step, so this run "
+                                  "finished; "
                                 "a next run in this process will stop before training")
 
     @property

@@ -20,7 +20,8 @@ import math
 import os
 import statistics
 import time
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -262,7 +262,6 @@ def test_a_built_dataset_trains_with_an_experiment_config(built_dir):
     evaluation covers the test split (loop.run adds checkpoints and outputs, tested in tests/train)."""
     import jax
 
-    from mmjax.train import loop
 
     config = config_lib.apply_overrides(av_digits.get_config(), tiny_overrides(built_dir))
     data = config.data.to_dict()

@@ -508,7 +508,6 @@ def test_image_text_evaluators_run_on_the_coco_captions_recipe(mocked, tokenizer
     import jax
 
     from experiments import shapes_clip
-    from mmjax.train import loop
 
     config = shapes_clip.get_config()
     config.data = dict(name="coco_captions", data_dir=mocked, tokenizer=tokenizer_path, image_size=IMAGE_SIZE,
@@ -519,7 +518,7 @@ def test_image_text_evaluators_run_on_the_coco_captions_recipe(mocked, tokenizer
     config.model.encoders.text = dict(name="text_transformer", vocab_size=load_tokenizer(tokenizer_path)
                                       .get_vocab_size(), max_len=MAX_LEN, width=16, depth=1, num_heads=2, mlp_dim=32)
     config.eval.splits = ("val",)
-    config.checkpoint.best_metric = "val/i2t_recall@1"  # A split that is evaluated (loop.validate checks it).
+    config.checkpoint.best_metric = "val/i2t_recall@1"  # A split that is evaluated (setup.validate checks it).
     s = setup_lib.setup(config)
     state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(0))
     metrics = s.evaluate(state, "val")

@@ -127,9 +127,9 @@ def test_model_output_of_a_masked_example_ignores_the_placeholder(fusion):
 
 
 def test_training_run_with_missing_modalities(tmp_path, monkeypatch):
-    """loop.setup feeds the masks to the train step and evaluation; a short run trains and evaluates end to end."""
+    """setup.setup feeds the masks to the train step and evaluation; a short run trains and evaluates end to end."""
     monkeypatch.setitem(DATASETS._items, "partial_test", lambda data_config: partial_dataset())
-    monkeypatch.setattr(loop, "_DATASETS", {})
+    monkeypatch.setattr(setup_lib, "_DATASETS", {})
     overrides = tiny_overrides(str(tmp_path / "unused"), **{
         "data.name": "partial_test", "data.cache_in_memory": False, "model.num_classes": 3,
         "model.encoders.audio.features": "(4,)", "train.num_steps": 4, "train.eval_every_steps": 4,

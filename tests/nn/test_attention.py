@@ -19,7 +19,7 @@ def test_fused_attention_equals_flax_attention_with_padding_masks(causal):
     grads = []
     for impl in ("flax", "fused"):
         out = make(impl).apply(params, ids, train=False)
-        grads.append(jax.grad(lambda p: make(impl).apply(p, ids, train=False).pooled.sum())(params))
+        grads.append(jax.grad(lambda p, impl=impl: make(impl).apply(p, ids, train=False).pooled.sum())(params))
         if impl == "flax":
             expected = out
     np.testing.assert_allclose(out.tokens, expected.tokens, atol=2e-5)

@@ -1,4 +1,4 @@
-"""Tests for mmjax.nn.conv (CPU-fast conv2d / Conv) and the mmjax.bench.conv helpers.
+"""Tests for mmjax.nn.conv (CPU-fast conv2d / Conv) and the mmjax.bench.convolution helpers.
 
 Every 'cpu'-path result is compared with ``lax.conv_general_dilated`` / ``nn.Conv``:
 forward values and both gradients. No timing assertions.
@@ -16,7 +16,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmjax.bench import conv as bench
+from mmjax.bench import convolution as bench
 from mmjax.nn import conv as conv_lib
 from mmjax.nn.conv import Conv, conv2d, examples_per_chunk_for, kernel_grad, resolve_impl
 

@@ -95,7 +95,7 @@ def subset(full, like):
     return {k: subset(full[k], v) if isinstance(v, dict) else full[k] for k, v in like.items()}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def initialised(name, variant, names):
     """(module, params, apply, grad): compiled once per method and modality set (op-by-op eager is far slower)."""
     module = make(name, variant)

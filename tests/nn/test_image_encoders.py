@@ -16,8 +16,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from mmjax.nn.encoders import image
 from mmjax.nn.builder import build_module
+from mmjax.nn.encoders import image
 from mmjax.registry import ENCODERS
 
 B, H, W, C = 4, 16, 16, 3
@@ -225,14 +225,15 @@ def test_gradients_reach_every_parameter_and_remat_changes_nothing(case):
 def test_remat_is_applied_and_validated():
     x = jax.ShapeDtypeStruct((B, H, W, C), jnp.float32)
     for case in CASES:
-        variables = jax.eval_shape(lambda x: CASES[case]().init(_key(), x, train=False), x)
+        variables = jax.eval_shape(lambda x, case=case: CASES[case]().init(_key(), x, train=False), x)
         params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
         for policy, expected in (("none", False), ("full", True)):
-            grad = jax.grad(lambda *a: _loss_fn(CASES[case](remat=policy))(*a)[0])
+            module = CASES[case](remat=policy)
+            grad = jax.grad(lambda *a, module=module: _loss_fn(module)(*a)[0])
             jaxpr = str(jax.make_jaxpr(grad)(params, rest, x))
             assert ("checkpoint" in jaxpr or "remat" in jaxpr) == expected, (case, policy)
         with pytest.raises(ValueError, match="unknown remat policy 'some'"):
-            jax.eval_shape(lambda x: CASES[case](remat="some").init(_key(), x, train=False), x)
+            jax.eval_shape(lambda x, case=case: CASES[case](remat="some").init(_key(), x, train=False), x)
 
 
 def test_small_cnn_param_names_do_not_depend_on_remat():

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmjax.tasks import TASKS, Task, build_task, task_class
 from mmjax.registry import Registry
+from mmjax.tasks import TASKS, Task, build_task, task_class
 
 
 def test_every_task_declares_its_labels_best_metric_and_coupling():
@@ -66,7 +66,8 @@ def test_a_new_task_registers_and_builds_by_name(monkeypatch):
     task = build_task({"name": "absolute", "scale": 2.0}, 1)
     assert task_class("absolute") is Absolute and task.scale == 2.0
     assert float(task.loss(jnp.ones((2, 1)), jnp.zeros(2)).sum()) == 4.0
-    with pytest.raises(ValueError, match=r"config task \(absolute\): unknown option\(s\) \['scal'\]; valid: \['scale'\]"):
+    with pytest.raises(ValueError,
+                       match=r"config task \(absolute\): unknown option\(s\) \['scal'\]; valid: \['scale'\]"):
         build_task({"name": "absolute", "scal": 2.0}, 1)
     with pytest.raises(ValueError, match="config task.name: unknown task 'classification'"):
         build_task({"name": "classification"}, 1)

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmjax.tasks import losses
-from mmjax.nn.models.two_tower import SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT, TwoTower
 from mmjax.nn.builder import build_model
-from mmjax.tasks import build_task
+from mmjax.nn.models.two_tower import SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT
+from mmjax.tasks import build_task, losses
 
 B, D = 16, 8
 

@@ -11,11 +11,11 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmjax.tasks.itm import Itm
 from mmjax.metrics import retrieval as evaluators
-from mmjax.nn.models.matching import MatchingModel, sample_negatives
 from mmjax.nn.builder import build_model
+from mmjax.nn.models.matching import MatchingModel, sample_negatives
 from mmjax.tasks import build_task
+from mmjax.tasks.itm import Itm
 from mmjax.train.step import init_state, train_step
 
 B, L, VOCAB = 8, 6, 20
@@ -40,14 +40,14 @@ def _batch(rng, b=B):
     return {"image": rng.normal(size=(b, 8, 8, 3)).astype(np.float32), "text": ids, "label": np.zeros(b, np.int32)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model_and_params():
     model = build_model(_model_config())
     init = jax.jit(lambda key, batch: model.init(key, batch, train=False)["params"])
     return model, init(jax.random.PRNGKey(0), _batch(np.random.default_rng(0)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _apply():
     """`apply(batch, key, train)`, jitted once for every test (compiled once per batch structure)."""
     model, params = _model_and_params()

@@ -28,7 +28,6 @@ from flax import traverse_util
 from experiments import av_digits
 from mmjax import config as config_lib
 from mmjax.data import pipeline
-from mmjax.train import loop
 from mmjax.train import setup as setup_lib
 from tests.conftest import REPO_ROOT, tiny_overrides
 
@@ -84,9 +83,9 @@ def trace_training(data_dir, path=None):
 def trace_in_subprocess(data_dir, path, devices):
     """`trace_training` in a fresh process with `devices` CPU devices (set before JAX starts)."""
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    code = ("import jax; assert jax.device_count() == %d, jax.device_count()\n"  # Before tests.conftest asks for 8.
+    code = (f"import jax; assert jax.device_count() == {devices}, jax.device_count()\n"  # Before conftest asks for 8.
             "from tests.train.test_determinism import trace_training\n"
-            "trace_training(%r, %r)" % (devices, data_dir, str(path)))
+            f"trace_training({data_dir!r}, {str(path)!r})")
     subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, check=True, timeout=600)
     return dict(np.load(path))
 

@@ -10,11 +10,14 @@ import jax
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from experiments import av_digits
 from mmjax import config as config_lib
-from mmjax.train import loop, parallel
+from mmjax.train import parallel
+from mmjax.train import setup as setup_lib
+from mmjax.train import workdir as workdir_lib
 from mmjax.train.checkpoint import Checkpointer
 from tests.conftest import REPO_ROOT, tiny_overrides
 

@@ -12,9 +12,9 @@ from experiments import av_digits
 from mmjax import config as config_lib
 from mmjax.nn.builder import build_model
 from mmjax.tasks import build_task
-from mmjax.train import loop, parallel
-from mmjax.train.step import init_state, split_micro_batches, train_step
+from mmjax.train import parallel
 from mmjax.train import setup as setup_lib
+from mmjax.train.step import init_state, split_micro_batches, train_step
 from tests.conftest import tiny_overrides
 from tests.train.test_step import batch, model_config
 

@@ -10,8 +10,7 @@ import pytest
 
 from experiments import av_digits
 from mmjax import config as config_lib
-from mmjax.train import loop
-from mmjax.train import preemption
+from mmjax.train import loop, preemption
 from tests.conftest import tiny_overrides
 
 
@@ -160,7 +159,8 @@ def test_unknown_modality_is_named(av_digits_dir, tmp_path):
 
 
 def test_sgd_with_momentum_and_constant_schedule_train(av_digits_dir, tmp_path):
-    config = tiny_config(av_digits_dir, **{"optimizer.name": "sgd", "optimizer.schedule": "constant", "optimizer.lr": 0.05})
+    config = tiny_config(av_digits_dir,
+                         **{"optimizer.name": "sgd", "optimizer.schedule": "constant", "optimizer.lr": 0.05})
     results = loop.run(config, str(tmp_path))
     records = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
     losses = [r["loss"] for r in records if r["split"] == "train"]

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from mmjax import config as config_lib
-from mmjax.train import loop
-from mmjax.train import preemption
+from mmjax.train import loop, preemption
 from tests.conftest import REPO_ROOT, tiny_overrides
 from tests.train.test_loop import tiny_config
 
@@ -110,7 +109,8 @@ def test_fsdp_across_two_processes_agrees_with_one_process(av_digits_dir, eight_
 def test_sigterm_saves_a_checkpoint_and_exits_75(av_digits_dir, tmp_path):
     workdir = str(tmp_path)
     command = experiment_command(workdir, av_digits_dir, **{"train.num_steps": 10_000, "checkpoint.every_steps": 1000})
-    proc = subprocess.Popen(command, env=cpu_env(1), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(command, env=cpu_env(1), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     metrics = os.path.join(workdir, "early", "metrics.jsonl")
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

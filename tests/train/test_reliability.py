@@ -28,9 +28,8 @@ import pytest
 from experiments import av_digits
 from mmjax import cli
 from mmjax import config as config_lib
-from mmjax.train import checkpoint, kill_harness, loop, parallel, reliability
+from mmjax.train import checkpoint, kill_harness, loop, parallel, preemption, reliability
 from mmjax.train import setup as setup_lib
-from mmjax.train import preemption
 from tests.conftest import REPO_ROOT, tiny_overrides
 
 NUM_STEPS = 6  # tiny_overrides: checkpoints at steps 2, 3, 4, 6 (every 2 steps and at each evaluation: 3, 6).
@@ -437,7 +436,8 @@ def test_disk_full_while_saving_names_the_directory_and_keeps_previous_checkpoin
         with pytest.raises(checkpoint.CheckpointWriteError) as raised:
             loop.run(variant_config(av_digits_dir), workdir)
     message = str(raised.value)
-    assert f"could not write checkpoint step 4 to {os.path.join(workdir, 'checkpoints')}: No space left on device" in message
+    directory = os.path.join(workdir, "checkpoints")
+    assert f"could not write checkpoint step 4 to {directory}: No space left on device" in message
     assert "The disk is full. The previous checkpoints are intact (steps [2, 3])" in message
     assert committed(workdir) == [2, 3]
     s = setup_lib.setup(variant_config(av_digits_dir))  # They restore, match their fingerprints and the reference's.

@@ -87,7 +87,8 @@ def test_modality_dropout_masks_modalities_in_training_only_and_never_all():
 
 
 def test_batch_norm_statistics_live_in_the_train_state_and_match_on_1_and_8_devices():
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     config = model_config()
     config.encoders.image = dict(name="resnet", stage_sizes=(1,), width=4, stem="cifar")

@@ -1,4 +1,4 @@
-"""Audio encoders over log-mel spectrograms `[B, frames, mels]` (the pipeline computes them, see mmjax.data.audio_features).
+"""Audio encoders over log-mel spectrograms `[B, frames, mels]` (computed by the pipeline: mmjax.data.audio_features).
 
 * `spectrogram_cnn`: a small 2-D CNN.
 * `ast`: an Audio Spectrogram Transformer (Gong et al. 2021, "AST: Audio Spectrogram Transformer", Interspeech).
@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
+from mmjax.data.audio_features import hann_window, mel_filterbank
 from mmjax.nn.common import Dtype, EncoderOutput, check_rank, to_dtype
 from mmjax.nn.layers import ConvReluPool
 from mmjax.nn.transformer import Transformer, masked_mean, maybe_remat
@@ -172,7 +173,7 @@ class AudioSpectrogramTransformer(nn.Module):
 
 
 class LogMelFrontend(nn.Module):
-    """`mmjax.data.audio_features.log_mel_spectrogram` in JAX: waveforms `[..., samples]` -> float32 `[..., frames, n_mels]`.
+    """`audio_features.log_mel_spectrogram` in JAX: waveforms `[..., samples]` -> float32 `[..., frames, n_mels]`.
 
     Same analysis as the NumPy pipeline (periodic Hann frames of `n_fft` samples every `hop_length`, no centre
     padding, `|rfft|**2` through the same HTK mel filterbank, `log(max(mel, log_floor))`); it matches it to
@@ -193,9 +194,6 @@ class LogMelFrontend(nn.Module):
 
     @nn.compact
     def __call__(self, waveform: jax.Array, *, train: bool = False) -> jax.Array:
-        from mmjax.data.audio_features import hann_window as _hann
-        from mmjax.data.audio_features import mel_filterbank
-
         del train
         filters = mel_filterbank(self.sample_rate, self.n_fft, self.n_mels, self.fmin, self.fmax)
         if not self.hop_length >= 1:
@@ -213,7 +211,7 @@ class LogMelFrontend(nn.Module):
             audio = waveform.astype(jnp.float32)
         num_frames = 1 + (audio.shape[-1] - self.n_fft) // self.hop_length
         index = (np.arange(num_frames) * self.hop_length)[:, None] + np.arange(self.n_fft)
-        frames = audio[..., index] * jnp.asarray(_hann(self.n_fft))
+        frames = audio[..., index] * jnp.asarray(hann_window(self.n_fft))
         spectrum = jnp.fft.rfft(frames, axis=-1)
         power = spectrum.real**2 + spectrum.imag**2
         mel = jnp.matmul(power, jnp.asarray(filters), precision=jax.lax.Precision.HIGHEST)

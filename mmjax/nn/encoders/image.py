@@ -16,7 +16,7 @@ the backward pass; it never changes parameter names or values.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -29,8 +29,6 @@ from mmjax.nn.conv import Conv
 from mmjax.nn.layers import ConvReluPool
 from mmjax.nn.transformer import LAYER_NORM_EPS, Transformer, maybe_remat, remat_policy
 from mmjax.registry import ENCODERS
-
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Small CNN

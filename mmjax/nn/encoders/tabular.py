@@ -11,7 +11,7 @@ Numeric columns are standardised with fixed statistics from the training split: 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

@@ -43,7 +43,8 @@ from __future__ import annotations
 
 import math
 import types
-from typing import ClassVar, Mapping
+from collections.abc import Mapping
+from typing import ClassVar
 
 import flax.linen as nn
 import jax

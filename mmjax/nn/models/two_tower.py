@@ -12,7 +12,7 @@ another key's tower when present (e.g. hard-negative captions `negatives [B, N, 
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
