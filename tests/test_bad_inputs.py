@@ -250,7 +250,8 @@ def model_config(**changes) -> ml_collections.ConfigDict:
         ({"encoders.audio.conv_impl": "xl"}, ["config model.encoders.audio.conv_impl='xl'; valid: auto, xla, cpu.",
                                               "Did you mean 'xla'?"]),
         ({"encoders.image": {"name": "vit", "attention_impl": "fussed"}},
-         ["config model.encoders.image.attention_impl='fussed'; valid: auto, flax, fused.", "Did you mean 'fused'?"]),
+         ["config model.encoders.image.attention_impl='fussed'; valid: auto, packed, flax, fused.",
+          "Did you mean 'fused'?"]),
         # Compute dtypes.
         ({"dtype": "bf16"}, ["config model.dtype='bf16' is not a dtype (e.g. bfloat16, float32)"]),
         ({"dtype": "int32"}, ["config model.dtype='int32' must be a floating-point compute dtype"]),

@@ -8,9 +8,12 @@ Parameter names (`attention/{query,key,value,out}`, `ln_attention`, `mlp/{fc1,fc
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from mmjax.nn.common import Dtype
 
@@ -53,7 +56,7 @@ def attention_mask(
     return mask
 
 
-ATTENTION_IMPLS = ("auto", "flax", "fused")
+ATTENTION_IMPLS = ("auto", "packed", "flax", "fused")
 
 
 def fused_attention(query, key, value, bias=None, mask=None, *, dropout_rate=0.0, deterministic=True, dtype=None,
@@ -69,15 +72,101 @@ def fused_attention(query, key, value, bias=None, mask=None, *, dropout_rate=0.0
     return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask)
 
 
-def use_fused_attention(impl: str, dtype, attention_dropout: float) -> bool:
-    """"auto": fused on GPU for 16-bit compute without attention dropout (where cuDNN's kernel applies), else
-    Flax's attention (float32 softmax), which keeps CPU results bit-identical to earlier versions."""
+def resolve_attention(impl: str, dtype, attention_dropout: float) -> str:
+    """The attention implementation to run: "auto" is "fused" on GPU for 16-bit compute without attention dropout
+    (where cuDNN's kernel applies), else "packed"; the others are taken as named (see `MultiHeadAttention`)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"unknown attention_impl {impl!r}; valid: {', '.join(ATTENTION_IMPLS)}")
     if impl != "auto":
-        return impl == "fused"
+        return impl
     half = dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return half and attention_dropout == 0 and jax.default_backend() == "gpu"
+    return "fused" if half and attention_dropout == 0 and jax.default_backend() == "gpu" else "packed"
+
+
+def _projection_init(in_axes: int, out_axes: int):
+    """Flax `DenseGeneral`'s kernel initialisation: LeCun normal on the kernel flattened to 2-D, reshaped back."""
+
+    def init(rng, shape, dtype=jnp.float32):
+        fan_in, fan_out = math.prod(shape[:in_axes]), math.prod(shape[in_axes:in_axes + out_axes])
+        return nn.initializers.lecun_normal()(rng, (fan_in, fan_out), dtype).reshape(shape)
+
+    return init
+
+
+class _Projection(nn.Module):
+    """The parameters of one Flax `DenseGeneral` projection of `MultiHeadDotProductAttention` (same names, shapes
+    and initialisation), returned rather than applied so that several can be applied as one matrix product."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        init = _projection_init(len(self.in_shape), len(self.out_shape))
+        kernel = self.param("kernel", init, (*self.in_shape, *self.out_shape))
+        bias = self.param("bias", nn.initializers.zeros_init(), self.out_shape)
+        return kernel, bias
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with Flax `MultiHeadDotProductAttention`'s parameters (`query`, `key`, `value`, `out`:
+    names, shapes and initial values), computed the way XLA's CPU backend runs fastest ("packed"):
+
+    - the query, key and value projections of self-attention are one `[D, 3D]` matrix product (key and value one
+      `[D, 2D]` product for cross-attention), not three narrow ones;
+    - heads come first (`[B, H, T, Dh]`) for the two batched attention products, whose operands are then
+      contiguous matrices, and the context is moved back to `[B, T, H * Dh]` once, before the output projection;
+    - softmax(q k^T / sqrt(Dh)) in float32 whatever the compute dtype, masked entries set to the dtype's minimum
+      (as Flax does), attention dropout on the probabilities.
+
+    It equals Flax's module to float rounding (tests/nn/test_attention.py, float32 and bfloat16, with masks,
+    values and gradients); parameters and checkpoints are interchangeable between the two.
+    """
+
+    num_heads: int
+    dropout_rate: float = 0.0
+    dtype: Dtype | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None, *,
+                 deterministic: bool) -> jax.Array:
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"attention width {width} is not divisible by num_heads={self.num_heads}")
+        heads, head_dim = self.num_heads, width // self.num_heads
+        in_width = width if context is None else context.shape[-1]
+        query, key, value = (_Projection((in_width if n != "query" else width,), (heads, head_dim), name=n)()
+                             for n in ("query", "key", "value"))
+        out_kernel, out_bias = _Projection((heads, head_dim), (width,), name="out")()
+        flat = lambda kernel_bias: (kernel_bias[0].reshape(kernel_bias[0].shape[0], -1),  # noqa: E731
+                                    kernel_bias[1].reshape(-1))
+        if context is None:
+            kernels, biases = zip(*(flat(p) for p in (query, key, value)))
+            x, kernel, bias = promote_dtype(x, jnp.concatenate(kernels, 1), jnp.concatenate(biases), dtype=self.dtype)
+            q, k, v = jnp.moveaxis(self._split_heads(x @ kernel + bias, 3), 2, 0)
+        else:
+            (q_kernel, q_bias), (kv_kernels, kv_biases) = flat(query), zip(*(flat(p) for p in (key, value)))
+            x, context, q_kernel, q_bias, kv_kernel, kv_bias = promote_dtype(
+                x, context, q_kernel, q_bias, jnp.concatenate(kv_kernels, 1), jnp.concatenate(kv_biases),
+                dtype=self.dtype)
+            q = self._split_heads(x @ q_kernel + q_bias, 1)[:, :, 0]
+            k, v = jnp.moveaxis(self._split_heads(context @ kv_kernel + kv_bias, 2), 2, 0)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q / jnp.sqrt(head_dim).astype(q.dtype), k)
+        if mask is not None:
+            scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+        if self.dropout_rate > 0 and not deterministic:
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate, probs.shape)
+            probs = jnp.where(keep, probs / (1.0 - self.dropout_rate), 0).astype(v.dtype)
+        context_heads = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, v), 1, 2)  # [B, T, H, Dh]
+        out_kernel, out_bias = promote_dtype(out_kernel.reshape(-1, width), out_bias, dtype=v.dtype)
+        return context_heads.reshape(*context_heads.shape[:2], -1) @ out_kernel + out_bias
+
+    def _split_heads(self, y: jax.Array, parts: int) -> jax.Array:
+        """`[B, T, parts * H * Dh]` (projections side by side) -> `[B, H, parts, T, Dh]`."""
+        b, t, _ = y.shape
+        y = y.reshape(b, t, parts, self.num_heads, -1)
+        return jnp.transpose(y, (0, 3, 2, 1, 4))
 
 
 class MlpBlock(nn.Module):
@@ -118,24 +207,27 @@ class TransformerBlock(nn.Module):
         self, x: jax.Array, mask: jax.Array | None, context: jax.Array | None, deterministic: bool
     ) -> jax.Array:
         norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
-        fused = use_fused_attention(self.attention_impl, self.dtype, self.attention_dropout)
-        attention = nn.MultiHeadDotProductAttention(
-            num_heads=self.num_heads,
-            dtype=self.dtype,
-            dropout_rate=self.attention_dropout,
-            force_fp32_for_softmax=True,
-            attention_fn=fused_attention if fused else nn.dot_product_attention,
-            name="attention",
-        )
+        impl = resolve_attention(self.attention_impl, self.dtype, self.attention_dropout)
+        if impl == "packed":
+            attention = MultiHeadAttention(self.num_heads, self.attention_dropout, self.dtype, name="attention")
+        else:
+            flax_attention = nn.MultiHeadDotProductAttention(
+                num_heads=self.num_heads,
+                dtype=self.dtype,
+                dropout_rate=self.attention_dropout,
+                force_fp32_for_softmax=True,
+                attention_fn=fused_attention if impl == "fused" else nn.dot_product_attention,
+                name="attention",
+            )
+            attention = lambda q, kv, mask, deterministic: flax_attention(  # noqa: E731
+                q, q if kv is None else kv, mask=mask, deterministic=deterministic)
         mlp = MlpBlock(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype, name="mlp")
         drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=deterministic)  # noqa: E731
         if self.pre_norm:
             y = norm("ln_attention")(x)
-            kv = y if context is None else context
-            x = x + drop(attention(y, kv, mask=mask, deterministic=deterministic))
+            x = x + drop(attention(y, context, mask, deterministic=deterministic))
             return x + drop(mlp(norm("ln_mlp")(x), deterministic))
-        kv = x if context is None else context
-        x = norm("ln_attention")(x + drop(attention(x, kv, mask=mask, deterministic=deterministic)))
+        x = norm("ln_attention")(x + drop(attention(x, context, mask, deterministic=deterministic)))
         return norm("ln_mlp")(x + drop(mlp(x, deterministic)))
 
 

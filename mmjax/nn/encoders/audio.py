@@ -112,7 +112,7 @@ class AudioSpectrogramTransformer(nn.Module):
     dropout: float = 0.0
     attention_dropout: float = 0.0
     remat: str = "none"
-    attention_impl: str = "auto"  # "auto" (fused on GPU in 16-bit), "flax" or "fused" (see transformer.py)
+    attention_impl: str = "auto"  # "auto": "fused" on GPU in 16-bit, else "packed"; or "flax" (see transformer.py)
     dtype: Dtype | None = None
 
     @nn.compact

@@ -127,7 +127,7 @@ class ViT(nn.Module):
     attention_dropout: float = 0.0
     layer_norm_eps: float = LAYER_NORM_EPS
     remat: str = "none"
-    attention_impl: str = "auto"  # "auto" (fused on GPU in 16-bit), "flax" or "fused" (see transformer.py)
+    attention_impl: str = "auto"  # "auto": "fused" on GPU in 16-bit, else "packed"; or "flax" (see transformer.py)
     dtype: Dtype | None = None
 
     def _check(self, name: str, x: jax.Array) -> tuple[int, int]:
