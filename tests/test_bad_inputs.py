@@ -187,7 +187,7 @@ def test_every_metric_name_a_task_declares_is_one_it_reports():
 
     labels = np.array([0, 1, 2, 1])
     reported = {
-        Classification: Classification(3).metrics({"prediction": labels}, labels),
+        Classification: Classification(3).metrics({"prediction": labels, "probabilities": np.eye(3)[labels]}, labels),
         MultiLabel: MultiLabel(3).metrics({"scores": np.eye(3)[labels] * 0.9}, np.eye(3)[labels]),
         Regression: Regression(1).metrics({"prediction": labels[:, None] * 1.0}, labels * 1.0),
     }
