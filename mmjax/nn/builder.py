@@ -24,6 +24,7 @@ from mmjax.nn import heads as _heads  # noqa: F401
 from mmjax.nn.conv import IMPLS as CONV_IMPLS
 from mmjax.nn.encoders import audio as _audio  # noqa: F401
 from mmjax.nn.encoders import image as _image  # noqa: F401
+from mmjax.nn.encoders import recurrent as _recurrent  # noqa: F401
 from mmjax.nn.encoders import tabular as _tabular  # noqa: F401
 from mmjax.nn.encoders import text as _text  # noqa: F401
 from mmjax.nn.models.matching import build_matching
