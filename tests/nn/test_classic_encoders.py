@@ -33,7 +33,8 @@ def test_vgg_takes_small_and_odd_images_with_batch_norm_and_a_classifier_mlp():
         out = model.apply(variables, x, train=False)
         assert out.pooled.shape == (2, 6) and out.tokens.shape == (2, 1, 32)
         assert "batch_stats" in variables and "bias" not in variables["params"]["stage0_conv0"]["conv"]
-        _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(2)})
+        _, updated = model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                 rngs={"dropout": jax.random.PRNGKey(2)})
         assert not np.allclose(flatten(updated["batch_stats"])["stage0_conv0/bn/mean"], 0)
     with pytest.raises(ValueError, match="vgg: depth=12; valid: 11, 13, 16"):
         VGG(depth=12).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
