@@ -30,8 +30,9 @@ class RNNEncoder(nn.Module):
 
     Each of `num_layers` layers (parameters `layer_{i}`, or `layer_{i}_fwd` and `layer_{i}_bwd`) runs a `cell`
     ("lstm": the LSTM of Hochreiter & Schmidhuber with a forget gate, h_t = o_t * tanh(c_t),
-    c_t = f_t * c_{t-1} + i_t * g_t; "gru": h_t = (1 - z_t) * n_t + z_t * h_{t-1}) of `hidden` units forward in time, and with `bidirectional=True` another one backward (`_fwd` /
-    `_bwd` cells, outputs concatenated: width 2 * hidden). Dropout `dropout` is applied between layers and to the
+    c_t = f_t * c_{t-1} + i_t * g_t; "gru": h_t = (1 - z_t) * n_t + z_t * h_{t-1}) of `hidden` units forward in
+    time, and with `bidirectional=True` another one backward (`_fwd` / `_bwd` cells, outputs concatenated: width
+    2 * hidden). Dropout `dropout` is applied between layers and to the
     pooled feature.
 
     Padding never changes the output: each sequence's length is its number of real tokens (`seq_lengths` of
