@@ -34,7 +34,8 @@ def _check_av_digits_tasks(workdir, stdout):
 # Every fusion method's forward and backward pass is tested in tests/nn/test_fusion.py; the tiny benchmark run
 # covers each kind (unimodal, feature-level, transformer, decision-level) to keep CI short. All 19 methods ran
 # tiny in ~10 min on a loaded 2-core machine.
-TINY_METHODS = ("image_only", "audio_only", "concat", "bottleneck", "late_product")  # tests/nn cover every method.
+# `film` also runs the model's serial path (conditioning inside the encoder) through robustness and feature extraction.
+TINY_METHODS = ("image_only", "audio_only", "concat", "bottleneck", "late_product", "film")
 
 
 def _check_fusion_benchmark(workdir, stdout):

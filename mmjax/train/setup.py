@@ -155,6 +155,7 @@ class Setup:
             grad_accum_steps=self.config.train.get("grad_accum_steps", 1),
             batch_sharding=self.batch_sharding,
             nonfinite=self.config.train.get("nonfinite", "stop"),  # "skip": see step.train_step.
+            penalty=optimizer.build_penalty(self.config.optimizer),  # L1 / L2 (none by default).
         )
         return jax.jit(
             step,
