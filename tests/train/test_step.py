@@ -2,10 +2,10 @@
 
 import jax
 import ml_collections
-from flax import traverse_util
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 from mmjax.nn.builder import build_model
 from mmjax.tasks import build_task
