@@ -160,7 +160,7 @@ def test_mfcc_deltas_and_cmvn_ops():
     np.testing.assert_allclose(normalised.mean(0), 0, atol=1e-4)
     with pytest.raises(ops.PreprocessError, match=r"mfcc: n_mfcc=30 exceeds n_mels=20"):
         ops.plan("mfcc(n_mels=20, n_mfcc=30)", ops.Context(sample_rate=8000))
-    with pytest.raises(ops.PreprocessError, match=r"mfcc: the sample rate is unknown here; give it as mfcc\(sample_rate=...\)"):
+    with pytest.raises(ops.PreprocessError, match=r"mfcc: the sample rate is unknown here; give it as mfcc\("):
         ops.plan("mfcc")
     with pytest.raises(ValueError, match=r"deltas expects features \[frames, coefficients\]"):
         op("deltas")(wave)
