@@ -13,7 +13,8 @@ on the training split's text, then a bidirectional LSTM classifier whose embeddi
 vectors (`lstm_word2vec`, `train.init_from = {"encoders_text/embed": "word_vectors:..."}`) or at random
 (`lstm_random`).
 
-Command (needs gensim: `pip install -e ".[word2vec]"`; builds the datasets on first use; tiny: tests/test_experiments.py):
+Command (needs gensim: `pip install -e ".[word2vec]"`; builds the datasets on first use; tiny run:
+tests/test_experiments.py):
 
     python -m experiments.classic_baselines --workdir /tmp/classic
 

@@ -167,7 +167,8 @@ def _check_classic_baselines(workdir, stdout):
     assert "initialised encoders_text/embed from word_vectors:" in stdout and "coverage 100.0%" in stdout
     inputs = json.load(open(os.path.join(workdir, "av_digits", "lstm_mfcc", "model_inputs.json")))
     assert "39" in json.dumps(inputs)  # 13 MFCCs + deltas + delta-deltas per frame.
-    assert "| dataset | model (test) | accuracy | macro_f1 | roc_auc |" in open(os.path.join(workdir, "summary.md")).read()
+    table = open(os.path.join(workdir, "summary.md")).read()
+    assert "| dataset | model (test) | accuracy | macro_f1 | roc_auc |" in table
 
 
 # Per experiment: the overrides that make it tiny and a check of its outputs. A new experiment without an entry
