@@ -106,7 +106,9 @@ def _forward_backward(trainable, locked, model_state, batch, rng, *, model, task
             outputs = model.apply(variables, batch, train=True, rngs={"dropout": rng})
             new_model_state = model_state
         loss = task.loss(outputs, batch["label"]).mean()
-        value = penalty(trainable) if penalty is not None else jnp.zeros((), jnp.float32)
+        if penalty is None:  # The objective is exactly the task's loss (the same program as without penalties).
+            return loss, (outputs, new_model_state, loss, jnp.zeros((), jnp.float32))
+        value = penalty(trainable)
         return loss + value, (outputs, new_model_state, loss, value)
 
     (_, (outputs, new_model_state, loss, value)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
