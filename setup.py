@@ -35,7 +35,12 @@ setup(
     ],
     extras_require={
         # -n auto: one worker per core; lint-imports checks the layers (.importlinter), ruff the style (ruff.toml).
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "import-linter>=2.16,<3", "ruff>=0.17,<0.18"],
+        # gensim: the word-vector tests; python_speech_features: the reference MFCCs and deltas (tests only).
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "import-linter>=2.16,<3", "ruff>=0.17,<0.18",
+                 "gensim>=4.4,<4.5", "python_speech_features>=0.6,<0.7"],
+        # Word2Vec training and word2vec/GloVe files (mmjax.nn.word_vectors, experiments.classic_baselines);
+        # 4.4.0 tested (with numpy 2.4, scipy 1.17).
+        "word2vec": ["gensim>=4.4,<4.5"],
         # Only to prepare or convert TFDS catalog data (`tfds build ...`, `tfds convert_format ...`, see
         # mmjax.data.catalog); training reads array_record without TensorFlow. Not installed or tested here.
         "tfrecord": [

@@ -53,6 +53,10 @@ def base_config() -> ml_collections.ConfigDict:
         momentum=0.9,
         nesterov=False,
         grad_clip_norm=1.0,  # global norm; 0 disables clipping
+        l1=0.0,  # L1 penalty l1 * sum |w| added to the loss (not decoupled); see mmjax/train/optimizer.py
+        l2=0.0,  # L2 penalty l2 * sum w^2 added to the loss (not decoupled, unlike weight_decay)
+        l1_params=(),  # Regexes of the parameters l1 applies to; empty = every weight matrix/kernel
+        l2_params=(),  # Regexes of the parameters l2 applies to; empty = every weight matrix/kernel
     )
     config.train = dict(
         num_steps=600,

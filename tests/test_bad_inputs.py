@@ -157,11 +157,19 @@ def _set(config, key, value):
                                                 "regular expression"]),
         # Pretrained sources.
         ("train.init_from", {"encoders_text": "minilm6"}, ["config train.init_from['encoders_text']='minilm6'; "
-                                                           "valid: minilm, hf_bert:DIRECTORY, hf_vit:DIRECTORY.",
+                                                           "valid: minilm, hf_bert:DIRECTORY, hf_vit:DIRECTORY, "
+                                                           "word_vectors:FILE.",
                                                            "Did you mean 'minilm'?"]),
         ("train.init_from", {"encoders_image": "hf_vit:/nonexistent/vit"},
          ["config train.init_from['encoders_image']='hf_vit:/nonexistent/vit': directory '/nonexistent/vit' does "
           "not exist"]),
+        ("train.init_from", {"encoders_text/embed": "word_vectors:/nonexistent/glove.txt"},
+         ["config train.init_from['encoders_text/embed']='word_vectors:/nonexistent/glove.txt': no word-vector file "
+          "'/nonexistent/glove.txt'"]),
+        # L1 / L2 penalties: coefficients >= 0, parameter groups as regular expressions.
+        ("optimizer.l2", -1e-4, ["config optimizer.l2=-0.0001 must be in [0, inf)"]),
+        ("optimizer.l1_params", ("encoders_(image",), ["config optimizer.l1_params pattern 'encoders_(image' is not "
+                                                       "a valid regular expression"]),
         # The best-checkpoint metric: its split must be evaluated, its metric reported by the task.
         ("checkpoint.best_metric", "valid/accuracy", ["config checkpoint.best_metric='valid/accuracy' must be "
                                                       "'SPLIT/METRIC' with SPLIT one of eval.splits "
@@ -187,7 +195,7 @@ def test_every_metric_name_a_task_declares_is_one_it_reports():
 
     labels = np.array([0, 1, 2, 1])
     reported = {
-        Classification: Classification(3).metrics({"prediction": labels}, labels),
+        Classification: Classification(3).metrics({"prediction": labels, "probabilities": np.eye(3)[labels]}, labels),
         MultiLabel: MultiLabel(3).metrics({"scores": np.eye(3)[labels] * 0.9}, np.eye(3)[labels]),
         Regression: Regression(1).metrics({"prediction": labels[:, None] * 1.0}, labels * 1.0),
     }

@@ -34,7 +34,8 @@ def _check_av_digits_tasks(workdir, stdout):
 # Every fusion method's forward and backward pass is tested in tests/nn/test_fusion.py; the tiny benchmark run
 # covers each kind (unimodal, feature-level, transformer, decision-level) to keep CI short. All 19 methods ran
 # tiny in ~10 min on a loaded 2-core machine.
-TINY_METHODS = ("image_only", "audio_only", "concat", "bottleneck", "late_product")  # tests/nn cover every method.
+# `film` also runs the model's serial path (conditioning inside the encoder) through robustness and feature extraction.
+TINY_METHODS = ("image_only", "audio_only", "concat", "bottleneck", "late_product", "film")
 
 
 def _check_fusion_benchmark(workdir, stdout):
@@ -142,6 +143,34 @@ def _check_shapes_itm(workdir, stdout):
     assert 0 <= cross["itm_binding_accuracy"] <= 1
 
 
+def _tiny_classic_baselines(data_dir):
+    """VGG-11 of width 2, an LSTM of 4 units, 3 steps; Intents: Word2Vec of 8 dimensions, one epoch, 2 steps."""
+    values = {
+        "data.data_dir": data_dir, "data.batch_size": 16, "data.eval_batch_size": 64,
+        "model.encoders.image.width": 2, "model.encoders.image.hidden": "(8,)", "model.encoders.audio.hidden": 4,
+        "model.head.hidden": "(8,)", "train.num_steps": 3, "train.log_every_steps": 1, "train.eval_every_steps": 3,
+        "checkpoint.every_steps": 3, "optimizer.warmup_steps": 1, "classical.classifiers": "svm",
+        "intents.num_steps": 2, "intents.batch_size": 16, "intents.vocab_size": 200,
+        "intents.word2vec.vector_size": 8, "intents.word2vec.epochs": 1, "intents.encoder.hidden": 4,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _check_classic_baselines(workdir, stdout):
+    rows = json.load(open(os.path.join(workdir, "summary.json")))
+    models = [(r["dataset"], r["model"]) for r in rows]
+    assert models == [("AV-Digits", m) for m in ("vgg", "lstm_mfcc", "concat", "film")] + [
+        ("AV-Digits", "late svm average (vgg + lstm_mfcc features)"),
+        ("AV-Digits", "late svm vote (vgg + lstm_mfcc features)"),
+        ("Intents", "lstm_word2vec"), ("Intents", "lstm_random")]
+    assert all(0 <= r["accuracy"] <= 1 for r in rows) and 0 <= rows[0]["roc_auc"] <= 1
+    assert "initialised encoders_text/embed from word_vectors:" in stdout and "coverage 100.0%" in stdout
+    inputs = json.load(open(os.path.join(workdir, "av_digits", "lstm_mfcc", "model_inputs.json")))
+    assert "39" in json.dumps(inputs)  # 13 MFCCs + deltas + delta-deltas per frame.
+    table = open(os.path.join(workdir, "summary.md")).read()
+    assert "| dataset | model (test) | accuracy | macro_f1 | roc_auc |" in table
+
+
 # Per experiment: the overrides that make it tiny and a check of its outputs. A new experiment without an entry
 # fails the first test.
 TINY = {
@@ -157,6 +186,7 @@ TINY = {
         _check_fusion_benchmark,
     ),
     "text_intents": (_tiny_text_intents, _check_text_intents),
+    "classic_baselines": (_tiny_classic_baselines, _check_classic_baselines),
     "clip_throughput": (_tiny_clip_throughput, _check_clip_throughput),
     "shapes_clip": (
         lambda d: _tiny_shapes(d, **{"model.encoders.text.width": 16, "model.encoders.text.depth": 1,

@@ -40,11 +40,12 @@ def test_importing_the_facades_registers_every_part():
     assert ops == sorted([
         "decode", "resize", "resize_small", "center_crop", "random_crop", "random_resized_crop", "flip_lr",
         "flip_ud", "randaugment", "normalize", "resample", "crop_or_pad", "random_crop_or_pad", "log_mel",
-        "spec_augment", "tokenize", "pad_or_truncate", "one_hot", "multi_hot", "standardize", "cast",
+        "spec_augment", "tokenize", "pad_or_truncate", "one_hot", "multi_hot", "standardize", "cast", "mfcc",
+        "deltas", "cmvn",
     ])
     assert tasks == ["classification", "clip", "itm", "multilabel", "regression", "siglip"]
     assert evaluators == ["classical", "robustness", "split_metrics", "zero_shot"]
     assert {"small_cnn", "vit", "resnet18", "text_transformer", "minilm_l6", "spectrogram_cnn", "ast",
-            "tabular_mlp"} <= set(encoders)
-    assert len(fusions) == 14 and {"concat", "late", "bottleneck"} <= set(fusions)
+            "tabular_mlp", "vgg", "rnn"} <= set(encoders)
+    assert len(fusions) == 16 and {"concat", "late", "bottleneck", "serial", "film"} <= set(fusions)
     assert heads == ["classifier", "regressor"]

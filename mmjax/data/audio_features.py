@@ -1,4 +1,5 @@
-"""NumPy audio front end: log-mel spectrograms, resampling, length fitting and per-utterance standardisation.
+"""NumPy audio front end: log-mel spectrograms, MFCCs and their deltas, resampling, length fitting and
+per-utterance standardisation (of the whole array, or per coefficient: CMVN).
 
 Used per example inside Grain map functions, so everything is vectorised and the mel
 filterbank is built once per parameter set (cached). Integer waveforms (e.g. int16)
@@ -11,17 +12,22 @@ import functools
 import math
 
 import numpy as np
-from scipy import signal
+from scipy import fft, signal
 
 from mmjax.data.core import is_int, positive_int
 
 __all__ = [
+    "add_deltas",
+    "cepstrum",
+    "cmvn",
+    "deltas",
     "fit_length",
     "hann_window",
     "hz_to_mel",
     "log_mel_spectrogram",
     "mel_filterbank",
     "mel_to_hz",
+    "mfcc",
     "resample",
     "standardize",
 ]
@@ -124,6 +130,86 @@ def log_mel_spectrogram(
     power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
     mel = power @ filters
     return np.log(np.maximum(mel, np.float32(log_floor)))
+
+
+def cepstrum(log_mel, n_mfcc: int = 13, lifter: int = 0) -> np.ndarray:
+    """Mel-frequency cepstral coefficients of a log-mel spectrogram ``[..., frames, n_mels]``: float32
+    ``[..., frames, n_mfcc]``.
+
+    c_n = sqrt((2 - [n == 0]) / M) * sum_{m=0}^{M-1} log_mel_m * cos(pi * n * (m + 1/2) / M), n < ``n_mfcc``: the
+    orthonormal DCT-II of the M log mel energies (``scipy.fft.dct(type=2, norm="ortho")``), as in Davis &
+    Mermelstein, "Comparison of Parametric Representations for Monosyllabic Word Recognition in Continuously
+    Spoken Sentences", IEEE TASSP 1980, and HTK / python_speech_features (natural log energies; c_0 is kept).
+    ``lifter`` L > 0 applies HTK's sinusoidal liftering c_n *= 1 + (L / 2) sin(pi * n / L) (Juang, Rabiner,
+    Wilpon 1987); 0 leaves the coefficients as they are.
+    """
+    log_mel = np.asarray(log_mel, np.float32)
+    n_mfcc = positive_int("n_mfcc", n_mfcc)
+    if log_mel.ndim < 2 or n_mfcc > log_mel.shape[-1]:
+        raise ValueError(f"cepstrum needs a log-mel spectrogram [..., frames, n_mels] with n_mels >= n_mfcc="
+                         f"{n_mfcc}, got shape {log_mel.shape}")
+    if not is_int(lifter) or lifter < 0:
+        raise ValueError(f"lifter must be an int >= 0, got {lifter!r}")
+    cepstra = fft.dct(log_mel.astype(np.float64), type=2, norm="ortho", axis=-1)[..., :n_mfcc]
+    if lifter:
+        cepstra = cepstra * (1.0 + lifter / 2.0 * np.sin(np.pi * np.arange(n_mfcc) / lifter))
+    return cepstra.astype(np.float32)
+
+
+def mfcc(
+    waveform,
+    sample_rate: int,
+    *,
+    n_fft: int,
+    hop_length: int,
+    n_mels: int,
+    n_mfcc: int = 13,
+    lifter: int = 0,
+    fmin: float = 0.0,
+    fmax: float | None = None,
+    log_floor: float = 1e-6,
+) -> np.ndarray:
+    """MFCCs float32 ``[..., frames, n_mfcc]``: :func:`cepstrum` of :func:`log_mel_spectrogram` (same framing)."""
+    log_mel = log_mel_spectrogram(waveform, sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels,
+                                  fmin=fmin, fmax=fmax, log_floor=log_floor)
+    return cepstrum(log_mel, n_mfcc, lifter)
+
+
+def deltas(features, width: int = 2) -> np.ndarray:
+    """Regression deltas along the frames axis of ``[..., frames, coefficients]`` (HTK's formula, as
+    python_speech_features' ``delta``): d_t = sum_{n=1}^{N} n (c_{t+n} - c_{t-n}) / (2 sum_{n=1}^{N} n^2) with
+    N = ``width``; frames past either end repeat the edge frame. float32, same shape."""
+    width = positive_int("width", width)
+    features = np.asarray(features, np.float32)
+    if features.ndim < 2:
+        raise ValueError(f"deltas need features [..., frames, coefficients], got shape {features.shape}")
+    frames = features.shape[-2]
+    pad = [(0, 0)] * (features.ndim - 2) + [(width, width), (0, 0)]
+    padded = np.pad(features.astype(np.float64), pad, mode="edge")
+    out = sum(n * (padded[..., width + n : width + n + frames, :] - padded[..., width - n : width - n + frames, :])
+              for n in range(1, width + 1))
+    return (out / (2 * sum(n * n for n in range(1, width + 1)))).astype(np.float32)
+
+
+def add_deltas(features, order: int = 2, width: int = 2) -> np.ndarray:
+    """``[c, delta c, delta^2 c, ...]`` up to ``order`` concatenated along the last axis: float32
+    ``[..., frames, (order + 1) * coefficients]`` (order 0: the features unchanged)."""
+    if not is_int(order) or order < 0:
+        raise ValueError(f"deltas order must be an int >= 0, got {order!r}")
+    parts = [np.asarray(features, np.float32)]
+    for _ in range(order):
+        parts.append(deltas(parts[-1], width))
+    return np.concatenate(parts, axis=-1)
+
+
+def cmvn(features, eps: float = 1e-5) -> np.ndarray:
+    """Cepstral mean and variance normalisation of one utterance ``[frames, coefficients]``: each coefficient
+    (column) minus its mean over the frames, divided by its standard deviation (+ ``eps``). float32."""
+    features = np.asarray(features, np.float32)
+    if features.ndim < 2:
+        raise ValueError(f"cmvn needs features [..., frames, coefficients], got shape {features.shape}")
+    mean = features.mean(axis=-2, keepdims=True)
+    return (features - mean) / (features.std(axis=-2, keepdims=True) + np.float32(eps))
 
 
 def resample(waveform, orig_rate: int, new_rate: int) -> np.ndarray:

@@ -76,7 +76,15 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmjax.data import espeak
-from mmjax.data.audio_features import fit_length, log_mel_spectrogram, resample, standardize
+from mmjax.data.audio_features import (
+    add_deltas,
+    cepstrum,
+    cmvn,
+    fit_length,
+    log_mel_spectrogram,
+    resample,
+    standardize,
+)
 from mmjax.data.core import Dataset, Example, build_on_process_zero
 from mmjax.data.tfds_builder import OfflineBuilder, prepare, split_sizes
 from mmjax.registry import DATASETS
@@ -364,6 +372,7 @@ def build(data_dir: str) -> tfds.core.DatasetBuilder:
 
 
 AV_DIGITS_TARGETS = {"digit": "classification", "value": "regression", "digit_pair": "multilabel"}
+AUDIO_FEATURES = ("log_mel", "mfcc")  # config data.audio.features
 
 
 class PairedSource:
@@ -389,7 +398,10 @@ class PairedSource:
 
 @dataclasses.dataclass(frozen=True)
 class AvDigitsPreprocess:
-    """AV-Digits example -> model inputs: image in [-1, 1]; audio as a per-utterance normalised log-mel.
+    """AV-Digits example -> model inputs: image in [-1, 1]; audio as a per-utterance normalised log-mel
+    (`features="log_mel"`, default) or as MFCCs (`features="mfcc"`: `n_mfcc` cepstra of the same log-mel, HTK
+    `lifter`, `deltas` orders of deltas appended, each coefficient normalised over the utterance (CMVN);
+    `mmjax.data.audio_features`).
 
     `target`: "digit" (class id), "value" (the digit as a float, for regression), "digit_pair" (multi-hot of the
     image's digit and the partner utterance's digit, see `PairedSource`).
@@ -400,6 +412,10 @@ class AvDigitsPreprocess:
     hop_length: int
     n_mels: int
     target: str = "digit"
+    features: str = "log_mel"
+    n_mfcc: int = 13
+    deltas: int = 0
+    lifter: int = 0
 
     def __call__(self, example: Mapping[str, Any]) -> Example:
         image = np.asarray(example["image"], np.float32) / 127.5 - 1.0
@@ -407,6 +423,9 @@ class AvDigitsPreprocess:
         mel = log_mel_spectrogram(
             waveform, self.sample_rate, n_fft=self.n_fft, hop_length=self.hop_length, n_mels=self.n_mels
         )
+        audio = standardize(mel)
+        if self.features == "mfcc":
+            audio = cmvn(add_deltas(cepstrum(mel, self.n_mfcc, self.lifter), self.deltas))
         if self.target == "value":
             label = np.float32(example["label"])
         elif self.target == "digit_pair":
@@ -414,7 +433,7 @@ class AvDigitsPreprocess:
             label[[int(example["label"]), int(example["audio_label"])]] = 1.0
         else:
             label = np.int32(example["label"])
-        return {"image": image, "audio": standardize(mel), "label": label}
+        return {"image": image, "audio": audio, "label": label}
 
 
 @DATASETS.register("av_digits")
@@ -430,12 +449,21 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
 
     builder = build_on_process_zero(lambda: build(data_config.get("data_dir") or None))
     audio = data_config.get("audio", ml_collections.ConfigDict())
+    features = audio.get("features", "log_mel")
+    if features not in AUDIO_FEATURES:
+        raise ValueError(f"config data.audio.features={features!r}; valid: {', '.join(AUDIO_FEATURES)}")
+    if features == "mfcc" and not 0 < audio.get("n_mfcc", 13) <= audio.get("n_mels", N_MELS):
+        raise ValueError(f"config data.audio.n_mfcc={audio.get('n_mfcc')!r} must be in [1, data.audio.n_mels]")
     preprocess = AvDigitsPreprocess(
         sample_rate=SAMPLE_RATE,
         n_fft=audio.get("n_fft", N_FFT),
         hop_length=audio.get("hop_length", HOP_LENGTH),
         n_mels=audio.get("n_mels", N_MELS),
         target=target,
+        features=features,
+        n_mfcc=audio.get("n_mfcc", 13),
+        deltas=audio.get("deltas", 0),
+        lifter=audio.get("lifter", 0),
     )
     label = builder.info.features["label"]
     if target == "digit_pair":

@@ -6,6 +6,10 @@ pre-tokenizer), and wrap every text in begin/end tokens. Their special-token ids
 
     kind="wordpiece" (BERT-style):  [PAD]=0  [UNK]=1  [CLS]=2  [SEP]=3  [MASK]=4   text -> [CLS] ... [SEP]
     kind="bpe":                     <pad>=0  <unk>=1  <s>=2    </s>=3   <mask>=4   text -> <s> ... </s>
+    kind="word" (whole words):      [PAD]=0  [UNK]=1  [CLS]=2  [SEP]=3  [MASK]=4   text -> [CLS] ... [SEP]
+
+(`word`: a word-level vocabulary of the most frequent words, the others [UNK], as word-vector models such as
+Word2Vec and GloVe index their tables; `mmjax.nn.word_vectors` aligns such vectors to any of these vocabularies.)
 
 so the pad id is 0 (the `pad_id` default of `mmjax.nn.encoders.text.TextTransformer`), "cls" pooling reads the
 begin token and "eot" pooling the end token. Pretrained tokenizers (e.g. all-MiniLM-L6-v2's `tokenizer.json`) load
@@ -29,9 +33,10 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-KINDS = ("wordpiece", "bpe")
+KINDS = ("wordpiece", "bpe", "word")
 SPECIAL_TOKENS = {
     "wordpiece": ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
+    "word": ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"),
     "bpe": ("<pad>", "<unk>", "<s>", "</s>", "<mask>"),
 }
 # Tokens recognised as padding in tokenizers that do not configure padding themselves.
@@ -52,7 +57,7 @@ def train_tokenizer(
     min_frequency: int = 1,
     lowercase: bool = True,
 ) -> Tokenizer:
-    """Trains a `kind` ("wordpiece" or "bpe") tokenizer with at most `vocab_size` tokens on `texts`.
+    """Trains a `kind` ("wordpiece", "bpe" or "word") tokenizer with at most `vocab_size` tokens on `texts`.
 
     Special tokens and their ids are listed in the module docstring. The vocabulary may come out smaller than
     `vocab_size` when the texts are small.
@@ -66,6 +71,11 @@ def train_tokenizer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS[kind])
         )
         tokenizer.decoder = decoders.WordPiece(prefix="##")
+    elif kind == "word":
+        tokenizer = Tokenizer(models.WordLevel(unk_token=unk))
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS[kind])
+        )
     else:
         tokenizer = Tokenizer(models.BPE(unk_token=unk, end_of_word_suffix="</w>"))
         trainer = trainers.BpeTrainer(

@@ -21,9 +21,21 @@ from mmjax.metrics.retrieval import class_embeddings, zero_shot_metrics
 @EVALUATORS.register("zero_shot")
 @dataclasses.dataclass(frozen=True)
 class ZeroShot(Evaluator):
-    """Top-1 and top-k (k = 5, or the number of classes - 1 when fewer) zero-shot accuracy of the images."""
+    """Top-1 and top-`top_k` zero-shot accuracy of the images (`config.eval.zero_shot.top_k`, default 5).
+
+    The metric names are `zero_shot_top1` and `zero_shot_top{top_k}` whatever the number of classes, so a
+    best-checkpoint metric or a table column never changes name between datasets (with `top_k` >= the number of
+    classes the top-k accuracy is 1). Ties between class scores count as expected under random tie-breaking
+    (`mmjax.metrics.retrieval`), so a collapsed image tower scores chance, 1 / classes.
+    """
+
+    top_k: int = 5
 
     uses_outputs: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"config eval.zero_shot.top_k={self.top_k!r} must be a positive integer")
 
     @classmethod
     def unsupported(cls, context: EvalContext) -> str | None:
@@ -41,5 +53,4 @@ class ZeroShot(Evaluator):
         embed = jax.jit(lambda params, model_state, ids: context.model.apply(
             {"params": params, **model_state}, "text", ids, method="embed"))
         classes = class_embeddings(np.asarray(embed(state.params, state.model_state, prompts)))
-        top_k = 5 if len(classes) > 5 else len(classes) - 1
-        return zero_shot_metrics(outputs["image_embedding"], classes, outputs["label"], top_k=max(top_k, 1))
+        return zero_shot_metrics(outputs["image_embedding"], classes, outputs["label"], top_k=self.top_k)

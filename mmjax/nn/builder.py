@@ -24,6 +24,7 @@ from mmjax.nn import heads as _heads  # noqa: F401
 from mmjax.nn.conv import IMPLS as CONV_IMPLS
 from mmjax.nn.encoders import audio as _audio  # noqa: F401
 from mmjax.nn.encoders import image as _image  # noqa: F401
+from mmjax.nn.encoders import recurrent as _recurrent  # noqa: F401
 from mmjax.nn.encoders import tabular as _tabular  # noqa: F401
 from mmjax.nn.encoders import text as _text  # noqa: F401
 from mmjax.nn.models.matching import build_matching
@@ -175,6 +176,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
             f"config model.fusion.name={model_config.fusion.name!r} needs at least {needed} modalities, but "
             f"model.encoders has {len(encoders)} ({sorted(encoders)}); use 'concat' for a single-modality model"
         )
+    if getattr(fusion.func, "conditions_encoders", False):
+        fusion.func.check_encoders(fusion.keywords, encoders)
     dropout = model_config.get("modality_dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"config model.modality_dropout={dropout!r} must be in [0, 1)")

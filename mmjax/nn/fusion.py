@@ -18,7 +18,10 @@ Conventions shared by every method:
 * Methods with `min_modalities = 2` raise a ValueError naming the method when given a single modality (`concat`
   and `late` also serve single-modality baselines).
 
-A fusion whose class sets `produces_logits = True` is decision-level: it owns its per-modality heads.
+A fusion whose class sets `produces_logits = True` is decision-level: it owns its per-modality heads. A fusion whose
+class sets `conditions_encoders = True` (`film`) is serial: the model encodes the conditioning modalities first,
+asks the fusion's `generate` for the conditioned encoder's FiLM parameters, then runs that encoder with them
+(`mmjax.nn.models.multimodal`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.nn.common import Dtype, EncoderOutput
+from mmjax.nn.encoders.conditioning import Film
 from mmjax.nn.transformer import (
     LAYER_NORM_EPS,
     Transformer,
@@ -715,6 +719,134 @@ class JointTransformerFusion(nn.Module):
             name="transformer",
         )(jnp.concatenate(sequence, axis=1), jnp.concatenate(token_mask, axis=1), train=train)
         return x[:, 0]
+
+
+# --------------------------------------------------------------------------------------------- serial
+
+
+@FUSIONS.register("serial")
+class SerialFusion(nn.Module):
+    """Sequential (hierarchical) fusion: the modalities are fused one after the other, in a configured order.
+
+    With u_k = P_k z_{o_k} (`proj_{m}`, to `dim`) for the k-th modality o_k of `order`:
+
+        h_1 = tanh(u_1),    h_k = tanh(W_k [h_{k-1}; u_k] + b_k)  (k = 2..M, `stage_{k}`),    C = h_M.
+
+    Each stage fuses one more modality into the representation of the ones before it, as the stage-wise fusion of
+    Majumder, Hazarika, Gelbukh, Cambria, Poria, "Multimodal Sentiment Analysis using Hierarchical Fusion with
+    Context Modeling", Knowledge-Based Systems 2018, which fuses two modalities first and the third into that
+    result (here one modality per stage, any number of them, in `order`). A missing modality's stage is skipped
+    (h_k = h_{k-1}; h_1 = 0 when the first one is missing), so it contributes nothing, with exactly zero gradient.
+
+    Attributes:
+      order: the modalities in fusion order; empty (default) = sorted order.
+      dim: width of u_k and h_k, the output width.
+      dtype: compute dtype of the dense layers.
+    """
+
+    order: tuple[str, ...] = ()
+    dim: int = 64
+    dtype: Dtype | None = None
+    produces_logits: ClassVar[bool] = False
+    min_modalities: ClassVar[int] = 2
+
+    @nn.compact
+    def __call__(self, features: Mapping[str, EncoderOutput], *, masks: Masks = None, train: bool) -> jax.Array:
+        modalities = {m.name: m for m in _gather(features, masks, "serial", self.min_modalities)}
+        order = tuple(self.order) or tuple(sorted(modalities))
+        if sorted(order) != sorted(modalities):
+            raise ValueError(f"fusion 'serial': order={tuple(self.order)!r} must name each modality once; the model's "
+                             f"modalities are {sorted(modalities)}")
+        h = None
+        for k, name in enumerate(order, start=1):
+            m = modalities[name]
+            u = _proj(m, self.dim, self.dtype)(m.pooled)
+            if h is None:
+                new = jnp.tanh(u)
+                h = jnp.zeros_like(new)
+            else:
+                new = jnp.tanh(nn.Dense(self.dim, dtype=self.dtype, name=f"stage_{k}")(jnp.concatenate([h, u], -1)))
+            h = jnp.where(m.keep[:, None], new, h)
+        return h
+
+
+@FUSIONS.register("film")
+class FilmFusion(nn.Module):
+    """FiLM conditioning (Perez, Strub, de Vries, Dumoulin, Courville, "FiLM: Visual Reasoning with a General
+    Conditioning Layer", AAAI 2018): the other modalities' features scale and shift the `target` encoder's
+    intermediate feature maps, channel by channel.
+
+    With z = [z_m for the conditioning modalities m != target, sorted] (missing ones zeroed), the generator
+    (`generator`, one Dense layer) gives, for every conditioned layer l of the target encoder (its
+    `film_channels()`), (dgamma_l, beta_l) = split(W z + b), and the encoder computes
+    F'_l = gamma_l * F_l + beta_l with gamma_l = 1 + dgamma_l, per example and channel, before its non-linearity
+    (`mmjax.nn.encoders.conditioning`). The generator starts at zero (W = 0, b = 0), i.e. at the identity
+    FiLM(F) = F, and predicts the change from it. Examples whose conditioning modalities are all missing get the
+    identity (gamma = 1, beta = 0): the target is encoded unconditioned.
+
+    The fused output is the FiLM-ed target encoder's pooled features (`output="film"`, as the FiLM network's own
+    classifier reads only the modulated features), or those concatenated with the conditioning modalities'
+    pooled features (`output="concat"`, sorted order after the target), which keeps them when the target is
+    missing. A missing target's features are zero.
+
+    Attributes:
+      target: the modality whose encoder is conditioned; its encoder must have FiLM layers (`small_cnn`,
+        `spectrogram_cnn`, `vgg`, `rnn`).
+      output: "film" or "concat".
+      dtype: compute dtype of the generator.
+    """
+
+    target: str = "image"
+    output: str = "film"
+    dtype: Dtype | None = None
+    produces_logits: ClassVar[bool] = False
+    min_modalities: ClassVar[int] = 2
+    conditions_encoders: ClassVar[bool] = True
+    outputs: ClassVar[tuple[str, ...]] = ("film", "concat")
+
+    @classmethod
+    def check_encoders(cls, options: Mapping[str, object], encoders: Mapping[str, nn.Module]) -> None:
+        """The target is one of the model's modalities and its encoder has FiLM layers (before any tracing)."""
+        target = options.get("target", cls.target)
+        if target not in encoders:
+            raise ValueError(f"config model.fusion.target={target!r} is not a modality of model.encoders "
+                             f"{sorted(encoders)}")
+        if not hasattr(encoders[target], "film_channels"):
+            raise ValueError(f"config model.fusion.name='film' conditions model.encoders.{target} "
+                             f"({type(encoders[target]).__name__}), which has no FiLM layers; encoders with FiLM "
+                             "layers: small_cnn, spectrogram_cnn, vgg, rnn")
+        if len(encoders) < 2:
+            raise ValueError("config model.fusion.name='film' needs a conditioning modality besides the target")
+        _check_choice("film", "output", options.get("output", cls.output), cls.outputs)
+
+    def conditioning(self, features: Mapping[str, EncoderOutput], masks: Masks) -> list[_Modality]:
+        return _gather({m: f for m, f in features.items() if m != self.target}, masks, "film", 1)
+
+    @nn.compact
+    def generate(self, features: Mapping[str, EncoderOutput], *, masks: Masks, channels: Sequence[int]) -> Film:
+        """The `(gamma, beta)` pairs of the target encoder's conditioned layers from the conditioning modalities'
+        `features` (every modality but the target)."""
+        conditioning = self.conditioning(features, masks)
+        z = jnp.concatenate([m.pooled for m in conditioning], axis=-1)
+        any_present = _presence(conditioning).max(axis=1) > 0
+        out = nn.Dense(2 * sum(channels), dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                       name="generator")(z).astype(jnp.float32)
+        film, start = [], 0
+        for c in channels:
+            delta_gamma, beta = out[:, start : start + c], out[:, start + c : start + 2 * c]
+            start += 2 * c
+            film.append((jnp.where(any_present[:, None], 1.0 + delta_gamma, 1.0),
+                         jnp.where(any_present[:, None], beta, 0.0)))
+        return tuple(film)
+
+    def __call__(self, features: Mapping[str, EncoderOutput], *, masks: Masks = None, train: bool) -> jax.Array:
+        _check_choice("film", "output", self.output, self.outputs)
+        if self.target not in features:
+            raise ValueError(f"fusion 'film': target {self.target!r} is not among the features {sorted(features)}")
+        target = _gather({self.target: features[self.target]}, masks, "film", 1)[0]
+        if self.output == "film":
+            return target.pooled
+        return jnp.concatenate([target.pooled] + [m.pooled for m in self.conditioning(features, masks)], axis=-1)
 
 
 # --------------------------------------------------------------------------------------------- decision level

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmjax.data.tokenization import encode_batch, load_tokenizer, minilm_directory
+from mmjax.data.tokenization import encode_batch, load_tokenizer, minilm_directory, tokenizer_path
+from mmjax.nn import word_vectors
 from mmjax.nn.encoders import image as _image  # noqa: F401  (registers vit)
 from mmjax.nn.encoders import text as _text  # noqa: F401  (registers text_transformer, minilm_l6)
 from mmjax.registry import ENCODERS, closest
@@ -473,7 +474,7 @@ def embed_sentences(
 # ----------------------------------------------------------------------------------------------------------------
 # `config.train.init_from`: parameter subtree -> pretrained source.
 
-PRETRAINED_SOURCES = ("minilm", "hf_bert:DIRECTORY", "hf_vit:DIRECTORY")
+PRETRAINED_SOURCES = ("minilm", "hf_bert:DIRECTORY", "hf_vit:DIRECTORY", "word_vectors:FILE")
 
 
 def check_init_from(init_from: Any) -> None:
@@ -483,12 +484,16 @@ def check_init_from(init_from: Any) -> None:
         raise ValueError(f"config train.init_from={init_from!r} must be a dict {{parameter subtree: source}}")
     for subtree, source in sorted(dict(init_from).items()):
         kind, _, directory = str(source).partition(":")
-        valid = (kind == "minilm" and not directory) or (kind in ("hf_bert", "hf_vit") and directory)
+        valid = (kind == "minilm" and not directory) or (kind in ("hf_bert", "hf_vit", "word_vectors") and directory)
         if not isinstance(source, str) or not valid:
             raise ValueError(
                 f"config train.init_from[{subtree!r}]={source!r}; valid: {', '.join(PRETRAINED_SOURCES)}."
-                f"{closest(kind, ('minilm', 'hf_bert', 'hf_vit'))}"
+                f"{closest(kind, ('minilm', 'hf_bert', 'hf_vit', 'word_vectors'))}"
             )
+        if kind == "word_vectors":
+            if not os.path.isfile(directory):
+                raise ValueError(f"config train.init_from[{subtree!r}]={source!r}: no word-vector file {directory!r}")
+            continue
         if directory and not os.path.isdir(directory):
             raise ValueError(f"config train.init_from[{subtree!r}]={source!r}: directory {directory!r} does not exist")
 
@@ -502,3 +507,32 @@ def load_pretrained_source(source: str) -> dict[str, Any]:
     if kind in ("hf_bert", "hf_vit") and directory:
         return (load_hf_bert if kind == "hf_bert" else load_hf_vit)(directory)[1]
     raise ValueError(f"config train.init_from source {source!r}; valid: {', '.join(PRETRAINED_SOURCES)}")
+
+
+def subtree(params: Params, path: str) -> Any:
+    """The subtree of `params` at "a/b" (KeyError naming the path when missing)."""
+    node = params
+    for i, key in enumerate(path.split("/")):
+        if not isinstance(node, Mapping) or key not in node:
+            have = sorted(node) if isinstance(node, Mapping) else type(node).__name__
+            raise KeyError(f"config train.init_from: no {'/'.join(path.split('/')[: i + 1])!r} in params "
+                           f"(there: {have})")
+        node = node[key]
+    return node
+
+
+def init_from_source(params: Params, subtree_path: str, source: str,
+                     data_config: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """`params` with the subtree at `subtree_path` replaced from `source` (one `train.init_from` entry), and a
+    note for the log. "word_vectors:FILE" aligns the file's vectors to the tokenizer of `data_config.tokenizer`
+    (`mmjax.nn.word_vectors`; the note gives the coverage); the other sources are `load_pretrained_source`'s."""
+    kind, _, path = source.partition(":")
+    if kind != "word_vectors":
+        return merge_pretrained(params, subtree_path, load_pretrained_source(source)), ""
+    name = (data_config or {}).get("tokenizer")
+    if not name:
+        raise ValueError(f"config train.init_from[{subtree_path!r}]={source!r} needs config data.tokenizer (the "
+                         "vocabulary the vectors are aligned to)")
+    loaded, coverage = word_vectors.word_vector_params(path, tokenizer_path(name),
+                                                       jax.device_get(subtree(params, subtree_path)))
+    return merge_pretrained(params, subtree_path, loaded), f" ({coverage})"

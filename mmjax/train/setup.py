@@ -25,7 +25,7 @@ from mmjax.data.datasets import get_dataset
 from mmjax.evaluate.evaluator import Evaluator, build_evaluators, evaluate
 from mmjax.evaluate.outputs import jit_eval_step
 from mmjax.nn.builder import build_model
-from mmjax.nn.pretrained import check_init_from, load_pretrained_source, merge_pretrained
+from mmjax.nn.pretrained import check_init_from, init_from_source
 from mmjax.registry import closest
 from mmjax.tasks import Task, build_task, task_class, task_name
 from mmjax.train import optimizer, parallel
@@ -155,6 +155,7 @@ class Setup:
             grad_accum_steps=self.config.train.get("grad_accum_steps", 1),
             batch_sharding=self.batch_sharding,
             nonfinite=self.config.train.get("nonfinite", "stop"),  # "skip": see step.train_step.
+            penalty=optimizer.build_penalty(self.config.optimizer),  # L1 / L2 (none by default).
         )
         return jax.jit(
             step,
@@ -187,8 +188,8 @@ class Setup:
             return state
         params = jax.device_get(state.params)
         for subtree, source in sorted(dict(init_from).items()):
-            params = merge_pretrained(params, subtree, load_pretrained_source(source))
-            reporting.console(f"initialised {subtree} from {source}")
+            params, note = init_from_source(params, subtree, source, self.config.data)
+            reporting.console(f"initialised {subtree} from {source}{note}")
         params = jax.device_put(params, self.state_sharding.params)
         trainable, _ = split_params(params, self.frozen)
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_sharding.opt_state)(trainable)

@@ -5,14 +5,16 @@ compiles it with `jax.jit` over the mesh. The loss and metrics come from the tas
 matching `frozen` patterns (LiT-style locked towers) get no gradient and no optimizer state: the gradient is
 taken with respect to the trainable subset only. Gradient accumulation (`grad_accum_steps`) splits the batch
 into micro-batches inside the step. With `nonfinite="skip"`, a step whose loss or gradient is NaN/Inf leaves the
-state unchanged (bar the step counter) and reports `nonfinite_skipped = 1`.
+state unchanged (bar the step counter) and reports `nonfinite_skipped = 1`. A `penalty` (the L1 / L2 penalties of
+`config.optimizer`, `mmjax.train.optimizer.Penalty`) is added to the minimised objective and differentiated with it;
+the logged `loss` stays the task's loss (comparable with evaluation losses) and `penalty` is logged beside it.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -91,8 +93,9 @@ def init_state(
     )
 
 
-def _forward_backward(trainable, locked, model_state, batch, rng, *, model, task):
-    """Loss (mean over `batch`), outputs, new model state and gradient w.r.t. `trainable`, for one (micro-)batch."""
+def _forward_backward(trainable, locked, model_state, batch, rng, *, model, task, penalty=None):
+    """Task loss (mean over `batch`), outputs, new model state, gradient w.r.t. `trainable` of the task loss plus
+    `penalty(trainable)` (when given), and the penalty's value, for one (micro-)batch."""
     mutable = list(model_state)
 
     def loss_fn(trainable):
@@ -102,10 +105,14 @@ def _forward_backward(trainable, locked, model_state, batch, rng, *, model, task
         else:
             outputs = model.apply(variables, batch, train=True, rngs={"dropout": rng})
             new_model_state = model_state
-        return task.loss(outputs, batch["label"]).mean(), (outputs, new_model_state)
+        loss = task.loss(outputs, batch["label"]).mean()
+        if penalty is None:  # The objective is exactly the task's loss (the same program as without penalties).
+            return loss, (outputs, new_model_state, loss, jnp.zeros((), jnp.float32))
+        value = penalty(trainable)
+        return loss + value, (outputs, new_model_state, loss, value)
 
-    (loss, (outputs, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    return loss, outputs, dict(new_model_state), grads
+    (_, (outputs, new_model_state, loss, value)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    return loss, outputs, dict(new_model_state), grads, value
 
 
 def split_micro_batches(batch: Mapping[str, jax.Array], k: int, sharding: NamedSharding | None = None) -> dict:
@@ -141,6 +148,7 @@ def train_step(
     grad_accum_steps: int = 1,
     batch_sharding: NamedSharding | None = None,
     nonfinite: str = "stop",
+    penalty: Callable[[Any], jax.Array] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the (global) batch; gradients are averaged over it, hence over every device.
 
@@ -157,6 +165,9 @@ def train_step(
     state are discarded (the old ones are kept, as `optax.apply_if_finite` does) and the metric
     `nonfinite_skipped` is 1; the step counter still advances, so the next step draws fresh randomness. With
     "stop" (the default) the step is unchanged and the loop stops on non-finite metrics (`reliability`).
+
+    `penalty` (e.g. `optimizer.build_penalty(config.optimizer)`; None or inactive: none): a function of the
+    trainable parameters added to the objective; its value is the metric `penalty`, and `loss` stays the task's.
     """
     if nonfinite not in ("stop", "skip"):
         raise ValueError(f"config train.nonfinite={nonfinite!r}; valid: stop, skip")
@@ -164,10 +175,12 @@ def train_step(
         raise ValueError(f"config train.grad_accum_steps={grad_accum_steps!r} must be a positive integer")
     trainable, locked = split_params(state.params, frozen)
     locked = jax.lax.stop_gradient(locked)
-    compute = functools.partial(_forward_backward, model=model, task=task)
+    if penalty is not None and not getattr(penalty, "active", True):
+        penalty = None
+    compute = functools.partial(_forward_backward, model=model, task=task, penalty=penalty)
     rng = step_rng(state)
     if grad_accum_steps == 1:
-        loss, outputs, model_state, grads = compute(trainable, locked, state.model_state, batch, rng)
+        loss, outputs, model_state, grads, penalty_value = compute(trainable, locked, state.model_state, batch, rng)
         task_metrics = task.train_metrics(outputs, batch["label"])
     else:
         k = grad_accum_steps
@@ -176,23 +189,25 @@ def train_step(
         def accumulate(carry, xs):
             model_state, grad_sum = carry
             j, micro_batch = xs
-            loss, outputs, model_state, grads = compute(
+            loss, outputs, model_state, grads, value = compute(
                 trainable, locked, model_state, micro_batch, jax.random.fold_in(rng, j)
             )
             grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
-            return (model_state, grad_sum), (loss, task.train_metrics(outputs, micro_batch["label"]))
+            return (model_state, grad_sum), (loss, value, task.train_metrics(outputs, micro_batch["label"]))
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
-        (model_state, grad_sum), (losses, metrics) = jax.lax.scan(
+        (model_state, grad_sum), (losses, penalties, metrics) = jax.lax.scan(
             accumulate, (dict(state.model_state), zeros), (jnp.arange(k), micro_batches)
         )
         # Equal-sized micro-batches: the mean of their means is the mean over the whole batch.
         grads = jax.tree_util.tree_map(lambda g: g / k, grad_sum)
-        loss = losses.mean()
+        loss, penalty_value = losses.mean(), penalties[0]  # The penalty is the same for every micro-batch.
         task_metrics = jax.tree_util.tree_map(lambda m: m.mean(0), metrics)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     params = merge_params(optax.apply_updates(trainable, updates), locked)
     metrics = {"loss": loss, **task_metrics, "grad_norm": optax.tree.norm(grads)}
+    if penalty is not None:
+        metrics["penalty"] = penalty_value
     model_state = dict(model_state)
     if nonfinite == "skip":
         finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])

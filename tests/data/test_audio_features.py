@@ -182,3 +182,78 @@ def test_hann_window_is_periodic_cached_and_read_only():
     window = audio_features.hann_window(8)
     assert window is audio_features.hann_window(8) and window.dtype == np.float32 and not window.flags.writeable
     np.testing.assert_allclose(window, 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(8) / 8), atol=1e-7)
+
+
+# --- MFCC, deltas, CMVN: against python_speech_features (HTK conventions) ----------------------
+
+
+def _known_signal():
+    """A 440 Hz tone plus a 200 -> 3000 Hz chirp and a little seeded noise: energy in every mel band."""
+    t = np.arange(SR) / SR
+    chirp = np.sin(2 * np.pi * (200 * t + 1400 * t**2))
+    noise = np.random.default_rng(0).normal(scale=0.01, size=SR)
+    return (0.4 * np.sin(2 * np.pi * 440 * t) + 0.3 * chirp + noise).astype(np.float64)
+
+
+def test_cepstrum_matches_python_speech_features_mfcc():
+    psf = pytest.importorskip("python_speech_features")
+    from scipy.signal import get_window
+
+    signal = _known_signal()
+    options = dict(samplerate=SR, winlen=N_FFT / SR, winstep=HOP / SR, nfilt=N_MELS, nfft=N_FFT, lowfreq=0,
+                   highfreq=SR / 2, preemph=0.0, winfunc=lambda n: get_window("hann", n, fftbins=True))
+    # Its filterbank energies (its own integer-bin triangles), through our DCT and lifter, give its MFCCs.
+    energies, _ = psf.fbank(signal, **options)
+    for lifter in (0, 22):
+        reference = psf.mfcc(signal, numcep=13, ceplifter=lifter, appendEnergy=False, **options)
+        ours = audio_features.cepstrum(np.log(energies), n_mfcc=13, lifter=lifter)
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(audio_features.cepstrum(np.log(energies), 13, 22),
+                               psf.base.lifter(audio_features.cepstrum(np.log(energies), 13), 22), rtol=1e-5)
+
+
+def test_deltas_match_python_speech_features_and_stack_in_order():
+    psf = pytest.importorskip("python_speech_features")
+    features = audio_features.mfcc(_known_signal(), SR, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS, n_mfcc=13)
+    for width in (1, 2, 3):
+        np.testing.assert_allclose(audio_features.deltas(features, width), psf.delta(features, width), rtol=1e-4,
+                                   atol=1e-5)
+    stacked = audio_features.add_deltas(features, order=2)
+    assert stacked.shape == (features.shape[0], 39)
+    np.testing.assert_array_equal(stacked[:, :13], features)
+    np.testing.assert_allclose(stacked[:, 26:], psf.delta(psf.delta(features, 2), 2), rtol=1e-4, atol=1e-5)
+
+
+def test_mfcc_is_the_orthonormal_dct_of_the_log_mel_spectrogram():
+    signal = _known_signal().astype(np.float32)
+    log_mel = _log_mel(signal)
+    cepstra = audio_features.mfcc(signal, SR, n_fft=N_FFT, hop_length=HOP, n_mels=N_MELS, n_mfcc=20)
+    assert cepstra.shape == (log_mel.shape[0], 20) and cepstra.dtype == np.float32
+    m = np.arange(N_MELS)
+    for n in (0, 1, 7, 19):  # The formula of the docstring, by hand.
+        basis = np.sqrt((2 - (n == 0)) / N_MELS) * np.cos(np.pi * n * (m + 0.5) / N_MELS)
+        np.testing.assert_allclose(cepstra[:, n], log_mel.astype(np.float64) @ basis, rtol=1e-4, atol=1e-4)
+    flat = audio_features.cepstrum(np.full((3, N_MELS), -2.0), n_mfcc=5)  # Constant energies: only c_0.
+    np.testing.assert_allclose(flat, [[-2.0 * np.sqrt(N_MELS), 0, 0, 0, 0]] * 3, atol=1e-5)
+    with pytest.raises(ValueError, match="n_mels >= n_mfcc=41"):
+        audio_features.cepstrum(log_mel, n_mfcc=41)
+
+
+def test_cmvn_standardises_each_coefficient_over_the_frames():
+    features = np.random.default_rng(0).normal(loc=[5.0, -3.0], scale=[2.0, 0.1], size=(50, 2))
+    normalised = audio_features.cmvn(features)
+    np.testing.assert_allclose(normalised.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(normalised.std(0), 1, atol=1e-3)
+
+
+def test_av_digits_preprocess_gives_mfcc_features_on_request():
+    from mmjax.data.av_digits import AvDigitsPreprocess
+
+    example = {"image": np.zeros((8, 8, 1), np.uint8), "label": 3,
+               "audio": (_known_signal() * 10000).astype(np.int16)}
+    log_mel = AvDigitsPreprocess(SR, N_FFT, HOP, N_MELS)(example)["audio"]
+    mfcc = AvDigitsPreprocess(SR, N_FFT, HOP, N_MELS, features="mfcc", n_mfcc=13, deltas=2)(example)["audio"]
+    assert log_mel.shape == (49, N_MELS) and mfcc.shape == (49, 39)
+    expected = audio_features.cmvn(audio_features.add_deltas(audio_features.cepstrum(
+        _log_mel(example["audio"].astype(np.float32) / 32768.0), 13), 2))
+    np.testing.assert_allclose(mfcc, expected, rtol=1e-5, atol=1e-5)

@@ -148,6 +148,24 @@ def test_log_mel_standardize_and_spec_augment():
         ops.plan("log_mel")
 
 
+def test_mfcc_deltas_and_cmvn_ops():
+    wave = _tone(440, 8000, 1.0) + 0.05 * np.random.default_rng(1).normal(size=8000).astype(np.float32)
+    cepstra = op("mfcc(n_mels=20, n_mfcc=12, deltas=2, lifter=22)", ops.Context(sample_rate=8000))(wave)
+    expected = audio_features.mfcc(wave, 8000, n_fft=256, hop_length=80, n_mels=20, n_mfcc=12, lifter=22)
+    assert cepstra.shape == (1 + (8000 - 256) // 80, 36) and cepstra.dtype == np.float32
+    np.testing.assert_array_equal(cepstra, audio_features.add_deltas(expected, 2))
+    mel = op("log_mel(n_mels=20)", ops.Context(sample_rate=8000))(wave)
+    np.testing.assert_array_equal(op("deltas(order=1, width=3)")(mel), audio_features.add_deltas(mel, 1, 3))
+    normalised = op("cmvn")(cepstra)
+    np.testing.assert_allclose(normalised.mean(0), 0, atol=1e-4)
+    with pytest.raises(ops.PreprocessError, match=r"mfcc: n_mfcc=30 exceeds n_mels=20"):
+        ops.plan("mfcc(n_mels=20, n_mfcc=30)", ops.Context(sample_rate=8000))
+    with pytest.raises(ops.PreprocessError, match=r"mfcc: the sample rate is unknown here; give it as mfcc\("):
+        ops.plan("mfcc")
+    with pytest.raises(ValueError, match=r"deltas expects features \[frames, coefficients\]"):
+        op("deltas")(wave)
+
+
 # --------------------------------------------------------------------------------------------- text, label
 
 

@@ -114,3 +114,9 @@ def test_robustness_and_classical_evaluators_on_a_real_model(tiny_run):
     assert baselines["classical"] == expected
     assert baselines["classical_random_forest_vote_accuracy"] == expected["random_forest"]["vote"]["accuracy"]
     assert jax.device_count() == 8  # Everything above ran data-parallel on 8 devices.
+
+
+def test_zero_shot_top_k_is_an_option_with_a_stable_metric_name():
+    assert evaluator_lib.build_evaluator("zero_shot", {"top_k": 3}).top_k == 3
+    with pytest.raises(ValueError, match="eval.zero_shot.top_k=0"):
+        evaluator_lib.build_evaluator("zero_shot", {"top_k": 0})

@@ -32,8 +32,11 @@ def test_retrieval_with_several_captions_per_image():
     bad = np.roll(np.eye(3, dtype=np.float32), 1, axis=0)  # Example i's second caption describes image i-1.
     y = np.stack([good, bad], axis=1)  # [3, 2, 3]
     m = ev.retrieval_metrics(x, y)
-    assert m["i2t_recall@1"] == 1.0  # Any of an image's captions counts; the good one ranks first (ties: favour).
-    assert m["t2i_recall@1"] == 0.5 and m["t2i_median_rank"] == 1.5
+    # Image i's good caption scores 1, and so does image i+1's bad caption: a tie between a correct and a wrong
+    # candidate, so rank 1 or 2 with equal chance (it was counted as rank 1, in the model's favour).
+    assert m["i2t_recall@1"] == 0.5 and m["i2t_mean_rank"] == 1.5 and m["i2t_recall@5"] == 1.0
+    # Bad captions: image i-1 scores 1 > 0 (rank 2 at least) and image i+1 ties the own image at 0: rank 2.5.
+    assert m["t2i_recall@1"] == 0.5 and m["t2i_median_rank"] == 1.75 and m["t2i_mean_rank"] == 1.75
     with pytest.raises(ValueError, match="x has shape"):
         ev.retrieval_metrics(np.zeros((2, 3)), y)
 
@@ -60,3 +63,48 @@ def test_binding_counts_true_caption_over_negative_pairs():
     negatives[0, 0] = np.array([1, 0], np.float32)  # Now ties the true caption: not "above".
     m = ev.binding_metrics(x, y, negatives)
     assert m["binding_accuracy"] == 0.75 and m["binding_all"] == 0.5
+
+
+def test_collapsed_embeddings_score_chance_not_perfect():
+    """Every embedding identical: open_clip's ranking gives recall@1 = 1/N and mean rank (N + 1) / 2."""
+    n = 20
+    x = np.tile(_unit([[1.0, 2.0, 3.0]]), (n, 1))
+    m = ev.retrieval_metrics(x, x)
+    for prefix in ("i2t", "t2i"):
+        assert m[f"{prefix}_recall@1"] == pytest.approx(1 / n)
+        assert m[f"{prefix}_recall@5"] == pytest.approx(5 / n) and m[f"{prefix}_recall@10"] == pytest.approx(10 / n)
+        assert m[f"{prefix}_mean_rank"] == pytest.approx((n + 1) / 2)
+        assert m[f"{prefix}_median_rank"] == pytest.approx((n + 1) / 2)
+    # K captions per image, all identical: the first of the image's K correct captions among N * K tied ones.
+    k = 4
+    m = ev.retrieval_metrics(x, np.repeat(x[:, None], k, axis=1))
+    assert m["i2t_mean_rank"] == pytest.approx(1 + (n - 1) * k / (k + 1))
+    assert m["i2t_recall@1"] == pytest.approx(k / (n * k))
+    assert m["t2i_recall@1"] == pytest.approx(1 / n)
+    zero_shot = ev.zero_shot_metrics(x, np.tile(x[:1], (5, 1)), np.arange(n) % 5, top_k=2)
+    assert zero_shot == pytest.approx({"zero_shot_top1": 1 / 5, "zero_shot_top2": 2 / 5})
+
+
+def test_tied_rank_probabilities_match_random_tie_breaking():
+    rng = np.random.default_rng(0)
+    greater, tied, correct = np.array([0, 2, 1, 0, 5]), np.array([6, 3, 0, 2, 1]), np.array([2, 1, 1, 3, 1])
+    ranks = ev.TiedRanks(greater, tied, correct)
+    draws = []
+    for _ in range(20000):
+        rank = []
+        for g, t, c in zip(greater, tied, correct):
+            order = rng.permutation(np.array([0] * t + [1] * c))
+            rank.append(g + 1 + int(np.argmax(order)))
+        draws.append(rank)
+    draws = np.array(draws)
+    np.testing.assert_allclose(ranks.expected(), draws.mean(0), atol=0.05)
+    for k in (1, 2, 3, 5):
+        np.testing.assert_allclose(ranks.within(k), (draws <= k).mean(0), atol=0.015)
+
+
+def test_zero_shot_key_keeps_its_configured_name_with_few_classes():
+    classes = np.eye(3, dtype=np.float32)
+    m = ev.zero_shot_metrics(np.eye(3, dtype=np.float32), classes, np.array([0, 1, 2]), top_k=5)
+    assert set(m) == {"zero_shot_top1", "zero_shot_top5"} and m["zero_shot_top5"] == 1.0  # Was zero_shot_top3.
+    with pytest.raises(ValueError, match="top_k=0"):
+        ev.zero_shot_metrics(np.eye(3), classes, np.array([0, 1, 2]), top_k=0)

@@ -20,8 +20,10 @@ SPECS = {"audio": (6, 4), "image": (8, 5), "text": (7, 3)}  # modality -> (width
 TEXT_PADDING = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]], np.float32)
 TINY = dict(dim=DIM, hidden=8, rank=3, num_heads=2, num_layers=1, self_layers=1, mlp_dim=16, num_bottlenecks=2)
 OVERRIDES = {"bottleneck": dict(num_layers=2, fusion_layer=1)}  # One layer without, one with bottlenecks.
+# Fusions that condition an encoder (FiLM) run inside the model: tests/nn/test_serial_fusion.py.
+DIRECT = [n for n in FUSIONS.names() if not getattr(FUSIONS.get(n), "conditions_encoders", False)]
 # Every registered name with its defaults, plus the non-default variants of the methods with a choice field.
-CASES = [(name, ()) for name in FUSIONS.names()] + [
+CASES = [(name, ()) for name in DIRECT] + [
     ("multiplicative", (("form", "matrix"),)),
     ("late", (("combine", "learned"),)),
     ("late", (("combine", "product"),)),
@@ -35,11 +37,11 @@ WIDTHS = {
     "cross_attention": lambda dims: len(dims) * (len(dims) - 1) * DIM,
     "late": lambda dims: NUM_CLASSES,
     **{n: lambda dims: DIM for n in ("weighted_sum", "attention", "max", "product", "gmu", "low_rank_tensor",
-                                     "multiplicative", "nl_gate", "bottleneck", "joint_transformer")},
+                                     "multiplicative", "nl_gate", "bottleneck", "joint_transformer", "serial")},
 }
 # Methods whose output with a modality masked everywhere equals their output without that modality (same params).
 DROP_EQUIVALENT = ("weighted_sum", "attention", "max", "product", "low_rank_tensor", "nl_gate", "bottleneck",
-                   "joint_transformer", "late")
+                   "joint_transformer", "late", "serial")
 # XLA's CPU backend optimisations dominate this file's run time and buy nothing for tiny arrays.
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 # Rows: 0 misses text, 1 misses audio, 2 misses image, 3 misses everything.
@@ -191,13 +193,13 @@ def test_masked_everywhere_equals_dropped(name, variant):
     np.testing.assert_allclose(masked, dropped, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", [n for n in FUSIONS.names() if FUSIONS.get(n).min_modalities >= 2])
+@pytest.mark.parametrize("name", [n for n in DIRECT if FUSIONS.get(n).min_modalities >= 2])
 def test_single_modality_is_a_clear_error(name):
     with pytest.raises(ValueError, match=f"fusion '{name}' needs at least 2 modalities, got 1"):
         make(name).init(jax.random.PRNGKey(0), encoder_outputs(arrays(("image",))), train=False)
 
 
-@pytest.mark.parametrize("name", [n for n in FUSIONS.names() if FUSIONS.get(n).min_modalities < 2])
+@pytest.mark.parametrize("name", [n for n in DIRECT if FUSIONS.get(n).min_modalities < 2])
 def test_single_modality_baselines_work(name):
     module = make(name)
     data = encoder_outputs(arrays(("image",)))
@@ -300,7 +302,7 @@ def test_late_fusion_combines_the_per_modality_head_logits():
     np.testing.assert_allclose(out, (softmax[..., None] * logits).sum(1), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", [n for n in FUSIONS.names() if "dtype" in FUSIONS.get(n).__dataclass_fields__])
+@pytest.mark.parametrize("name", [n for n in DIRECT if "dtype" in FUSIONS.get(n).__dataclass_fields__])
 def test_bfloat16_compute_keeps_float32_params(name):
     module, data = make(name, dtype=jnp.bfloat16), encoder_outputs(arrays(("audio", "image")))
     params = jax.eval_shape(functools.partial(module.init, train=False), jax.random.PRNGKey(0), data)

@@ -5,6 +5,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 from mmjax.nn.builder import build_model
 from mmjax.tasks import build_task
@@ -108,3 +109,55 @@ def test_batch_norm_statistics_live_in_the_train_state_and_match_on_1_and_8_devi
     assert any(np.any(a != b) for a, b in zip(before, after_1))
     for a, b in zip(after_1, after_8):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_l1_and_l2_penalties_act_on_their_parameter_groups_only():
+    from mmjax.train.optimizer import build_penalty
+
+    model, task, lr = build_model(model_config()), build_task(None, 4), 0.1
+    tx = optax.sgd(lr)
+    state = init_state(model, tx, batch(1), jax.random.PRNGKey(0))
+    penalty = build_penalty({"l1": 0.01, "l2": 0.02, "l1_params": ("encoders_image/Conv_0/kernel",),
+                             "l2_params": ("head/",)})
+    step = lambda s, b, **kw: train_step(s, b, model=model, tx=tx, task=task, **kw)  # noqa: E731
+    plain, plain_metrics = jax.jit(step)(state, batch())
+    penalised, metrics = jax.jit(lambda s, b: step(s, b, penalty=penalty))(state, batch())
+    before = state.params
+    kernel = before["encoders_image"]["Conv_0"]["kernel"]
+    # SGD: the extra step of a penalised parameter is -lr * (l1 sign(w)) or -lr * (2 l2 w).
+    np.testing.assert_allclose(penalised.params["encoders_image"]["Conv_0"]["kernel"],
+                               plain.params["encoders_image"]["Conv_0"]["kernel"] - lr * 0.01 * np.sign(kernel),
+                               atol=1e-6)
+    flat = lambda tree: traverse_util.flatten_dict(tree["head"], sep="/")  # noqa: E731
+    assert len(flat(before)) == 4  # Hidden and output layers' kernels and biases.
+    for name, value in flat(before).items():
+        np.testing.assert_allclose(flat(penalised.params)[name], flat(plain.params)[name] - lr * 2 * 0.02 * value,
+                                   atol=1e-6)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, penalised.params["encoders_audio"],
+                           plain.params["encoders_audio"])
+    expected = 0.01 * np.abs(kernel).sum() + 0.02 * sum(np.square(v).sum() for v in jax.tree_util.tree_leaves(
+        before["head"]))
+    assert float(metrics["penalty"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(metrics["loss"]) == pytest.approx(float(plain_metrics["loss"]), rel=1e-6)  # The task's loss.
+    assert "penalty" not in plain_metrics
+    accumulated, acc_metrics = jax.jit(lambda s, b: step(s, b, penalty=penalty, grad_accum_steps=2))(state, batch())
+    np.testing.assert_allclose(accumulated.params["head"]["Dense_0"]["kernel"],
+                               penalised.params["head"]["Dense_0"]["kernel"], atol=1e-5)  # Penalised once, not k.
+    assert float(acc_metrics["penalty"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_penalty_defaults_cover_weight_matrices_and_typos_are_errors():
+    from mmjax.train.optimizer import build_penalty, check_config
+
+    params = init_state(build_model(model_config()), optax.sgd(0.1), batch(1), jax.random.PRNGKey(0)).params
+    groups = build_penalty({"l2": 1e-4}).groups(params)
+    assert groups["l2"] and all(not n.endswith("bias") for n in groups["l2"]) and "l1" not in groups
+    assert not build_penalty({}).active
+    with pytest.raises(ValueError, match="optimizer.l2_params pattern 'encoders_imag3' matches no trainable"):
+        build_penalty({"l2": 1e-4, "l2_params": ("encoders_imag3",)}).groups(params)
+    with pytest.raises(ValueError, match=r"optimizer.l1=-0.1 must be in \[0, inf\)"):
+        check_config({"l1": -0.1})
+    with pytest.raises(ValueError, match="optimizer.l1_params pattern '\\(' is not a valid regular expression"):
+        check_config({"l1": 0.1, "l1_params": ("(",)})
+    with pytest.raises(ValueError, match="optimizer.l2_params='head' must be a tuple of strings"):
+        check_config({"l2_params": "head"})

@@ -1,4 +1,4 @@
-"""Audio ops: resample, crop or pad, log-mel and SpecAugment on 1-D waveforms (mmjax.data.audio_features)."""
+"""Audio ops: resample, crop or pad, log-mel, MFCC (+ deltas, CMVN) and SpecAugment (mmjax.data.audio_features)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from mmjax.data.audio_features import fit_length, log_mel_spectrogram, mel_filterbank, resample
+from mmjax.data.audio_features import (
+    add_deltas,
+    cmvn,
+    fit_length,
+    log_mel_spectrogram,
+    mel_filterbank,
+    mfcc,
+    resample,
+)
 from mmjax.data.core import is_int
 from mmjax.data.ops.op_base import Op, RandomOp, describe, positive_arg, register
 
@@ -119,7 +127,7 @@ class LogMel(Op):
     def bind(self, context):
         rate = self.sample_rate or context.sample_rate
         if rate is None:
-            raise ValueError("log_mel: the sample rate is unknown here; give it as log_mel(sample_rate=...)")
+            raise ValueError(f"{self.name}: the sample rate is unknown here; give it as {self.name}(sample_rate=...)")
         n_fft = self.n_fft or 2 ** math.ceil(math.log2(0.025 * rate))
         hop = self.hop_length or max(1, rate // 100)
         mel_filterbank(rate, n_fft, self.n_mels, float(self.fmin), self.fmax)  # Checks fmin/fmax now, not per example.
@@ -129,6 +137,72 @@ class LogMel(Op):
         return log_mel_spectrogram(_waveform(value, "log_mel"), self.sample_rate, n_fft=self.n_fft,
                                    hop_length=self.hop_length, n_mels=self.n_mels, fmin=float(self.fmin),
                                    fmax=self.fmax)
+
+
+@register("mfcc")
+@dataclasses.dataclass(frozen=True)
+class Mfcc(LogMel):
+    """Waveform -> float32 MFCCs `[frames, n_mfcc * (deltas + 1)]` (mmjax.data.audio_features.mfcc: the orthonormal
+    DCT-II of the log-mel spectrogram that `log_mel` computes with the same arguments, optional HTK `lifter`), with
+    `deltas` = 1 or 2 orders of regression deltas over +-`delta_width` frames appended (the classic 39-dimensional
+    feature is `mfcc(n_mfcc=13, deltas=2)`)."""
+
+    n_mfcc: int = 13
+    lifter: int = 0
+    deltas: int = 0
+    delta_width: int = 2
+
+    def __post_init__(self):
+        positive_arg("mfcc", "n_mels", self.n_mels)
+        for field in ("n_fft", "hop_length", "sample_rate"):
+            if getattr(self, field) is not None:
+                positive_arg("mfcc", field, getattr(self, field))
+        positive_arg("mfcc", "n_mfcc", self.n_mfcc)
+        positive_arg("mfcc", "delta_width", self.delta_width)
+        if self.n_mfcc > self.n_mels:
+            raise ValueError(f"mfcc: n_mfcc={self.n_mfcc} exceeds n_mels={self.n_mels}")
+        for field in ("lifter", "deltas"):
+            if not is_int(getattr(self, field)) or getattr(self, field) < 0:
+                raise ValueError(f"mfcc: {field} must be an int >= 0, got {getattr(self, field)!r}")
+
+    def __call__(self, value):
+        cepstra = mfcc(_waveform(value, "mfcc"), self.sample_rate, n_fft=self.n_fft, hop_length=self.hop_length,
+                       n_mels=self.n_mels, n_mfcc=self.n_mfcc, lifter=self.lifter, fmin=float(self.fmin),
+                       fmax=self.fmax)
+        return add_deltas(cepstra, self.deltas, self.delta_width)
+
+
+@register("deltas")
+@dataclasses.dataclass(frozen=True)
+class Deltas(Op):
+    """Features `[frames, coefficients]` (e.g. after `log_mel`) -> `[frames, coefficients * (order + 1)]` with
+    `order` orders of regression deltas over +-`width` frames appended (mmjax.data.audio_features.add_deltas)."""
+
+    order: int = 2
+    width: int = 2
+
+    def __post_init__(self):
+        positive_arg("deltas", "order", self.order)
+        positive_arg("deltas", "width", self.width)
+
+    def __call__(self, value):
+        features = np.asarray(value)
+        if features.ndim != 2:
+            raise ValueError(f"deltas expects features [frames, coefficients], got {describe(value)}")
+        return add_deltas(features, self.order, self.width)
+
+
+@register("cmvn")
+@dataclasses.dataclass(frozen=True)
+class Cmvn(Op):
+    """Features `[frames, coefficients]` -> each coefficient standardised over the utterance's frames (cepstral
+    mean and variance normalisation; `standardize` instead uses one mean and deviation for the whole array)."""
+
+    def __call__(self, value):
+        features = np.asarray(value)
+        if features.ndim != 2:
+            raise ValueError(f"cmvn expects features [frames, coefficients], got {describe(value)}")
+        return cmvn(features)
 
 
 @register("spec_augment")

@@ -17,6 +17,7 @@ from einops import rearrange
 
 from mmjax.data.audio_features import hann_window, mel_filterbank
 from mmjax.nn.common import Dtype, EncoderOutput, check_rank, to_dtype
+from mmjax.nn.encoders.conditioning import Film, FilmConvReluPool, check_film
 from mmjax.nn.layers import ConvReluPool
 from mmjax.nn.transformer import Transformer, masked_mean, maybe_remat
 from mmjax.registry import ENCODERS
@@ -29,7 +30,8 @@ class SpectrogramCNN(nn.Module):
     Tokens are the time steps of the last map (frequency folded into channels) projected to `width`; the pooled
     feature is a dense layer over the flattened map. `remat` ("none" / "full" / "dots") rematerialises each
     stage (conv + ReLU + pool) in the backward pass; the parameter names do not depend on it. `dtype` is the
-    compute dtype (parameters stay float32).
+    compute dtype (parameters stay float32). FiLM (`film=`, `mmjax.nn.encoders.conditioning`) scales and shifts
+    each conv's output channels before its ReLU; `film_channels()` = `features`.
     """
 
     features: Sequence[int] = (16, 32, 64)
@@ -39,13 +41,18 @@ class SpectrogramCNN(nn.Module):
     remat: str = "none"
     dtype: Dtype | None = None
 
+    def film_channels(self) -> tuple[int, ...]:
+        return tuple(self.features)
+
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> EncoderOutput:
+    def __call__(self, x: jax.Array, *, train: bool, film: Film = None) -> EncoderOutput:
         check_rank("spectrogram_cnn", x, 3, "[B, frames, mels]")
+        check_film("spectrogram_cnn", film, self.film_channels(), x.shape[0])
         x = to_dtype(x, self.dtype)[..., None]
-        stage = maybe_remat(ConvReluPool, self.remat, static_argnums=())
+        stage = maybe_remat(ConvReluPool if film is None else FilmConvReluPool, self.remat, static_argnums=())
         for i, features in enumerate(self.features):
-            x = stage(features, (3, 3), impl=self.conv_impl, dtype=self.dtype, name=f"Conv_{i}")(x)
+            layer = stage(features, (3, 3), impl=self.conv_impl, dtype=self.dtype, name=f"Conv_{i}")
+            x = layer(x) if film is None else layer(x, *film[i])
         tokens = nn.Dense(self.width, dtype=self.dtype, name="token_proj")(rearrange(x, "b t f c -> b t (f c)"))
         pooled = nn.relu(nn.Dense(self.width, dtype=self.dtype, name="pool_proj")(rearrange(x, "b t f c -> b (t f c)")))
         pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)

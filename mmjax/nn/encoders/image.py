@@ -4,6 +4,7 @@ Registered names (every dataclass field is a config key; the named sizes are sub
 defaults, so `patch_size`, `width`, `stem`, ... can still be overridden from the config):
 
 * `small_cnn`: LeNet-like CNN for tiny images.
+* `vgg`: VGG-11/13/16 (Simonyan, Zisserman 2015), optional batch norm, any input size, channel width scalable.
 * `vit` (generic, small defaults), `vit_ti16`, `vit_s16`, `vit_b16`: Vision Transformer (Dosovitskiy et al. 2021).
 * `resnet` (generic, ResNet-18 defaults), `resnet18`, `resnet50`: ResNet v1.5 (He et al. 2016) with batch norm.
 
@@ -26,7 +27,8 @@ from einops import rearrange
 
 from mmjax.nn.common import Dtype, EncoderOutput, check_rank, int_pair, to_dtype
 from mmjax.nn.conv import Conv
-from mmjax.nn.layers import ConvReluPool
+from mmjax.nn.encoders.conditioning import Film, check_film, film_layer
+from mmjax.nn.layers import ConvReluPool, relu_max_pool_2x2
 from mmjax.nn.transformer import LAYER_NORM_EPS, Transformer, maybe_remat, remat_policy
 from mmjax.registry import ENCODERS
 
@@ -42,7 +44,8 @@ class SmallCNN(nn.Module):
     Tokens are the last feature map's positions projected to `width`; the pooled feature is a dense layer over
     the flattened map (position matters for small digits, so it is not a mean of the tokens).
     `remat` rematerialises each conv + ReLU (+ pool) stage; parameter names (`Conv_{i}`, `token_proj`,
-    `pool_proj`) are the same whatever the policy.
+    `pool_proj`) are the same whatever the policy. FiLM (`film=`, see `mmjax.nn.encoders.conditioning`) scales and
+    shifts each conv's output channels before its ReLU; `film_channels()` = `features`.
     """
 
     features: Sequence[int] = (32, 64)
@@ -53,9 +56,13 @@ class SmallCNN(nn.Module):
     remat: str = "none"
     dtype: Dtype | None = None
 
+    def film_channels(self) -> tuple[int, ...]:
+        return tuple(self.features)
+
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> EncoderOutput:
+    def __call__(self, x: jax.Array, *, train: bool, film: Film = None) -> EncoderOutput:
         check_rank("small_cnn", x, 4, "[B, H, W, C]")
+        check_film("small_cnn", film, self.film_channels(), x.shape[0])
         x = to_dtype(x, self.dtype)
         policy = remat_policy(self.remat)  # Validates the name.
         for i, features in enumerate(self.features):
@@ -65,12 +72,122 @@ class SmallCNN(nn.Module):
                 y = layer(features, (3, 3), impl=self.conv_impl, dtype=self.dtype, parent=module, name=f"Conv_{i}")(x)
                 return y if i in self.pool_after else nn.relu(y)
 
-            if self.remat != "none":
-                stage = nn.remat(stage, policy=policy)
-            x = stage(self, x)
+            def film_stage(module, x, gamma, beta, i=i, features=features):
+                y = Conv(features, (3, 3), impl=self.conv_impl, dtype=self.dtype, parent=module, name=f"Conv_{i}")(x)
+                y = film_layer(y, ((gamma, beta),), 0)
+                return relu_max_pool_2x2(y) if i in self.pool_after else nn.relu(y)
+
+            if film is None:
+                if self.remat != "none":
+                    stage = nn.remat(stage, policy=policy)
+                x = stage(self, x)
+            else:
+                if self.remat != "none":
+                    film_stage = nn.remat(film_stage, policy=policy)
+                x = film_stage(self, x, *film[i])
         tokens = nn.Dense(self.width, dtype=self.dtype, name="token_proj")(rearrange(x, "b h w c -> b (h w) c"))
         pooled = nn.relu(nn.Dense(self.width, dtype=self.dtype, name="pool_proj")(rearrange(x, "b h w c -> b (h w c)")))
         pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
+        return EncoderOutput(tokens=tokens, pooled=pooled)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# VGG
+# --------------------------------------------------------------------------------------------------------------
+
+VGG_DEPTHS = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3)}
+"""3x3 convolutions per stage of VGG configurations A (11 weight layers), B (13) and D (16), Simonyan & Zisserman
+2015, Table 1 (the three fully connected layers are counted in the depth)."""
+
+
+class _VGGLayer(nn.Module):
+    """One 3x3 conv (SAME) [+ batch norm] [+ FiLM] + ReLU [+ 2x2 max-pool] of a VGG stage."""
+
+    features: int
+    pool: bool
+    batch_norm: bool
+    bn_momentum: float
+    bn_epsilon: float
+    conv_impl: str
+    dtype: Dtype | None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, gamma: jax.Array | None = None,
+                 beta: jax.Array | None = None) -> jax.Array:
+        film = None if gamma is None else ((gamma, beta),)
+        if self.pool and not self.batch_norm and film is None:  # The fused ReLU + pool of the CPU fast path.
+            return ConvReluPool(self.features, (3, 3), impl=self.conv_impl, dtype=self.dtype, name="conv")(x)
+        y = Conv(self.features, (3, 3), use_bias=not self.batch_norm, impl=self.conv_impl, dtype=self.dtype,
+                 name="conv")(x)
+        if self.batch_norm:
+            y = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
+                             dtype=self.dtype, name="bn")(y)
+        y = film_layer(y, film, 0)
+        return relu_max_pool_2x2(y) if self.pool else nn.relu(y)
+
+
+@ENCODERS.register("vgg")
+class VGG(nn.Module):
+    """VGG (Simonyan, Zisserman, "Very Deep Convolutional Networks for Large-Scale Image Recognition", ICLR 2015):
+    stages of 3x3 convolutions (stride 1, SAME padding) + ReLU, each stage ending in a 2x2 max-pool.
+
+    * `depth` 11 / 13 / 16: configurations A / B / D, (1, 1, 2, 2, 2) / (2, 2, 2, 2, 2) / (2, 2, 3, 3, 3) convs
+      per stage. Stage s has `width * min(2**s, 8)` channels: `width=64` is the paper's 64-128-256-512-512; a
+      smaller `width` (e.g. 16) scales every stage down for small images and small data.
+    * `batch_norm=True`: conv (no bias) -> BatchNorm -> ReLU, as torchvision's `vgg*_bn` (statistics in
+      `batch_stats`, Flax momentum convention, see `resnet`).
+    * Any input size: the max-pools use SAME padding (an odd side is padded with -inf, a 1-pixel side stays 1), so
+      8x8 digits pass through all five stages (8 -> 4 -> 2 -> 1 -> 1 -> 1).
+    * Output: `tokens` = the positions of the last feature map `[B, h*w, C]`; `pooled` = their mean (global
+      average pooling), then the `hidden` fully connected layers (ReLU, dropout `dropout`), e.g. `(4096, 4096)`
+      for the paper's classifier MLP. The paper flattens a fixed 7x7 map instead; global average pooling is what
+      makes any input size possible (for a 1x1 last map it is the same as flattening).
+    * FiLM (`film=`, `mmjax.nn.encoders.conditioning`): each conv's output channels are scaled and shifted (after
+      batch norm, before the ReLU, as in the FiLM paper's residual blocks); `film_channels()` lists every conv.
+
+    Parameters: `stage{s}_conv{j}/conv/{kernel, bias}` (+ `bn/{scale, bias}`), `fc_{k}`; `remat` ("none" /
+    "full" / "dots") rematerialises each conv layer.
+    """
+
+    depth: int = 11
+    width: int = 64
+    batch_norm: bool = False
+    hidden: Sequence[int] = ()
+    dropout: float = 0.0
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    conv_impl: str = "auto"
+    remat: str = "none"
+    dtype: Dtype | None = None
+
+    def stages(self) -> list[tuple[int, int]]:
+        """(channels, convs) of each stage."""
+        if self.depth not in VGG_DEPTHS:
+            raise ValueError(f"vgg: depth={self.depth!r}; valid: {', '.join(map(str, VGG_DEPTHS))}")
+        return [(self.width * min(2**s, 8), n) for s, n in enumerate(VGG_DEPTHS[self.depth])]
+
+    def film_channels(self) -> tuple[int, ...]:
+        return tuple(c for c, n in self.stages() for _ in range(n))
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, film: Film = None) -> EncoderOutput:
+        check_rank("vgg", x, 4, "[B, H, W, C]")
+        check_film("vgg", film, self.film_channels(), x.shape[0])
+        x = to_dtype(x, self.dtype)
+        layer_cls = maybe_remat(_VGGLayer, self.remat, static_argnums=(2,))
+        index = 0
+        for s, (channels, convs) in enumerate(self.stages()):
+            for j in range(convs):
+                layer = layer_cls(channels, pool=j == convs - 1, batch_norm=self.batch_norm,
+                                  bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon, conv_impl=self.conv_impl,
+                                  dtype=self.dtype, name=f"stage{s}_conv{j}")
+                x = layer(x, train) if film is None else layer(x, train, *film[index])
+                index += 1
+        tokens = rearrange(x, "b h w c -> b (h w) c")
+        pooled = tokens.mean(axis=1)
+        for k, features in enumerate(self.hidden):
+            pooled = nn.relu(nn.Dense(features, dtype=self.dtype, name=f"fc_{k}")(pooled))
+            pooled = nn.Dropout(self.dropout, deterministic=not train)(pooled)
         return EncoderOutput(tokens=tokens, pooled=pooled)
 
 
