@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +20,7 @@ from typing import Any
 import ml_collections
 
 from mmjax import config as config_lib
+from mmjax import runtime
 
 
 def split_overrides(rest: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
@@ -40,33 +40,7 @@ def split_overrides(rest: Sequence[str], parser: argparse.ArgumentParser) -> lis
     return overrides
 
 
-HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-NO_REEXEC_ENV = "MMJAX_NO_MALLOC_TUNING"
-START_TIME_ENV = "MMJAX_START_TIME"  # = reliability.START_TIME_ENV: the command's start, kept across the re-exec.
 TIME_LIMIT_ENV = "MMJAX_TIME_LIMIT_S"  # = reliability.TIME_LIMIT_ENV: default of --time_limit_s.
-
-
-def reexec_with_hugepages(start_time: float | None = None) -> None:
-    """Restarts this command once with glibc's malloc backed by transparent huge pages, then returns there.
-
-    XLA's large scratch buffers are otherwise page-faulted anew on every step; on CPU this was measured to
-    make small-model steps ~1.5x faster. glibc reads the tunable only at start-up, hence the re-exec. Skipped
-    when GLIBC_TUNABLES is already set, off Linux, or with MMJAX_NO_MALLOC_TUNING=1.
-    """
-    if (
-        platform.system() != "Linux"
-        or "GLIBC_TUNABLES" in os.environ
-        or os.environ.get(NO_REEXEC_ENV) == "1"
-        or platform.libc_ver()[0] != "glibc"
-        or "jax" in sys.modules  # Too late: a re-exec would throw away an initialised runtime.
-    ):
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=HUGEPAGES_TUNABLE)
-    if start_time is not None:  # The time budget counts from the original start, not the re-exec.
-        env[START_TIME_ENV] = repr(start_time)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, list(sys.orig_argv), env)
 
 
 COMPILE_CACHE_DIR = "jax_cache"
@@ -154,8 +128,7 @@ def add_multiprocess_arguments(parser: argparse.ArgumentParser) -> None:
 def start(args: argparse.Namespace, argv: Sequence[str] | None, start_time: float | None = None) -> None:
     """Start-up once the command line is parsed: re-exec with huge pages (a real command line only, `argv` None),
     join the multi-process job, and turn on the compile cache if `args.compile_cache`."""
-    if argv is None:  # Only a real command line can be re-executed.
-        reexec_with_hugepages(start_time)
+    runtime.prepare_process(start_time, reexec=argv is None)  # Only a real command line can be re-executed.
     from mmjax.train import parallel
 
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
@@ -209,7 +182,7 @@ def main(
     several times, e.g. once per seed). Exits with `PREEMPTED_EXIT_CODE` when the run stopped early (signal or
     time limit) after saving a checkpoint.
     """
-    start_time = float(os.environ.pop(START_TIME_ENV, "") or time.time())
+    start_time = float(os.environ.pop(runtime.START_TIME_ENV, "") or time.time())
     config, args = parse(get_config, argv, description, presets, compile_cache)
     if args.print_config:
         print(config_lib.to_json(config))

@@ -62,7 +62,7 @@ def run_variants(
     `workdir/summary.json` and `workdir/summary.md` and prints the table.
     """
     from mmjax import reporting  # Here, not at the top: experiments import this module before the CLI's re-exec,
-    from mmjax.train import loop  # which must come before JAX is imported (cli.reexec_with_hugepages).
+    from mmjax.train import loop  # which must come before JAX is imported (runtime.reexec_with_hugepages).
 
     unknown = [v for v in config.variants if v not in variants]
     if unknown:

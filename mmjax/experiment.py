@@ -5,7 +5,7 @@ the other), `METRICS` (the columns of their table), `PRESETS` (name -> overrides
 `--compile_cache`) and `run(config, workdir)` (by default: its variants through `compare.run_variants`, or one
 `loop.run`). It is named `NAME`, `experiments.NAME` or by its file `path/to/NAME.py`, with `:PRESET` where a
 preset is taken (`av_digits`, `experiments/clip_throughput.py:gpu`). Light on purpose: no JAX at import, as the
-command line re-executes itself before JAX starts (`cli.reexec_with_hugepages`).
+command line re-executes itself before JAX starts (`runtime.reexec_with_hugepages`).
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mmjax import experiment
+from mmjax import experiment, runtime
 from mmjax.data import av_digits as av_digits_data
 from mmjax.nn.builder import build_model
 from mmjax.nn.conv import conv2d
@@ -319,6 +319,7 @@ def format_encoder_table(results: Results) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: print the table for :data:`DEFAULT_CASES`, optionally write JSON."""
+    runtime.prepare_process(reexec=argv is None)  # The set-up every command runs with (mmjax.runtime).
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per function")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per function")

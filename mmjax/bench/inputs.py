@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from mmjax import config as config_lib
-from mmjax import experiment
+from mmjax import experiment, runtime
 from mmjax.bench.train_step import time_steps
 from mmjax.data import build, pipeline
 from mmjax.data.files import open_built
@@ -183,6 +183,7 @@ def _overrides(items: Sequence[str], names: Sequence[str]) -> dict[str, list[str
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    runtime.prepare_process(reexec=argv is None)  # The set-up every command runs with (mmjax.runtime).
     parser = argparse.ArgumentParser(prog="python -m mmjax.bench.inputs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default=",".join(EXPERIMENTS), help="comma-separated; valid: "

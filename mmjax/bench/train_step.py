@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mmjax import cli, experiment
+from mmjax import cli, experiment, runtime
 from mmjax.bench.flops import model_flops
 from mmjax.data import pipeline
 from mmjax.train.memory import compiled_memory
@@ -217,6 +217,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    runtime.prepare_process(reexec=argv is None)  # The set-up every command runs with (mmjax.runtime).
     parser = argparse.ArgumentParser(prog="python -m mmjax.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="experiments/NAME.py[:PRESET] or NAME[:PRESET]")

@@ -31,7 +31,6 @@ OPTIONAL_TRAIN_KEYS = {"nonfinite": "stop", "time_limit_s": 0.0}
 SKIPPED_METRIC = "nonfinite_skipped"  # Per step 0/1 in the compiled step; per logged window, the count.
 CHECKED_METRICS = ("loss", "grad_norm")  # A non-finite gradient shows as a non-finite global norm.
 TIME_LIMIT_ENV = "MMJAX_TIME_LIMIT_S"
-START_TIME_ENV = "MMJAX_START_TIME"  # Carries the command's start time across the CLI's re-exec.
 # Until a save / an evaluation has been timed, the budget assumes this long for it.
 DEFAULT_SAVE_SECONDS = 5.0
 DEFAULT_EVAL_SECONDS = 5.0
