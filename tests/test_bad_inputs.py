@@ -27,6 +27,7 @@ from mmjax.registry import DATASETS
 from mmjax.tasks import build_task
 from mmjax.train import setup as setup_lib
 from mmjax.train import workdir as workdir_lib
+from mmjax.train.preflight import RunRefused
 from tests.conftest import tiny_overrides
 
 NO_DATA = "/nonexistent/tfds"  # For checks that must fail before any data is read.
@@ -456,8 +457,8 @@ def test_large_finite_values_are_not_mistaken_for_inf():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. Workdirs (`workdir.check_workdir`, before anything is written): a workdir holding another model's checkpoints
-#    is refused and left untouched.
+# 7. Workdirs (`workdir.check_workdir`, `check_saved_step`, before anything is written): a workdir holding another
+#    model's checkpoints, or a step beyond train.num_steps, is refused and left untouched.
 # ---------------------------------------------------------------------------------------------------------------
 
 INPUT_SPEC = {"image": [[8, 8, 1], "float32"], "label": [[], "int32"]}
@@ -500,6 +501,13 @@ def test_workdir_with_an_unreadable_config(tmp_path):
         f.write('{"model": ')
     with raises(ValueError, "its config.json / model_inputs.json cannot be read"):
         workdir_lib.check_workdir(workdir, tiny_config(), INPUT_SPEC)
+
+
+def test_workdir_with_a_step_beyond_num_steps(tmp_path):
+    workdir = fake_workdir(tmp_path / "run", tiny_config())  # Holds step 2.
+    with raises(RunRefused, f"workdir {workdir} holds a checkpoint of step 2, beyond train.num_steps=1",
+                "give train.num_steps >= 2; to train train.num_steps=1 from scratch, use a new --workdir"):
+        workdir_lib.check_saved_step(workdir, 1)
 
 
 def test_workdir_that_is_a_file(tmp_path):
