@@ -25,6 +25,7 @@ from mmjax.data.datasets import get_dataset
 from mmjax.nn.builder import build_model
 from mmjax.registry import DATASETS
 from mmjax.tasks import build_task
+from mmjax.train import early_stopping
 from mmjax.train import setup as setup_lib
 from mmjax.train import workdir as workdir_lib
 from mmjax.train.preflight import RunRefused
@@ -180,6 +181,22 @@ def test_bad_config_value_fails_validation(key, value, fragments):
     _set(config, key, value)
     with raises(ValueError, *fragments):
         setup_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+    "value, best_metric, fragments",
+    [
+        # A negative patience (0 is off).
+        (-2, "validation/accuracy", ["config train.early_stopping_patience=-2 must be an int >= 0", "(0 = off)"]),
+        # Early stopping with no metric to watch.
+        (3, "", ["config train.early_stopping_patience=3 needs checkpoint.best_metric ('SPLIT/METRIC'"]),
+    ],
+)
+def test_bad_early_stopping_patience(value, best_metric, fragments):
+    config = tiny_config(**{"checkpoint.best_metric": best_metric})
+    config.train.early_stopping_patience = value
+    with raises(ValueError, *fragments):
+        early_stopping.patience(config)
 
 
 def test_every_metric_name_a_task_declares_is_one_it_reports():

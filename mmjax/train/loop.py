@@ -3,7 +3,8 @@
 The loop only orchestrates: `setup` builds and checks everything from the config, `preflight` and `workdir` guard
 the run's directory (writable, locked, the same model, its config history) and load it back, `checkpoint` saves
 and restores, `preemption` turns signals into a clean stop, `reliability` handles NaN/Inf and the time budget,
-and the evaluators (`mmjax.evaluate`) compute the metrics.
+`early_stopping` ends a run whose best metric stopped improving, and the evaluators (`mmjax.evaluate`) compute
+the metrics.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from mmjax import reporting
 from mmjax.data import pipeline
 from mmjax.evaluate.outputs import scalars
-from mmjax.train import preflight, reliability
+from mmjax.train import early_stopping, preflight, reliability
 from mmjax.train import workdir as workdir_lib
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.memory import step_memory
@@ -48,17 +49,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """
     workdir = os.path.abspath(workdir)
     nonfinite, time_limit_s = reliability.options(config)
+    patience = early_stopping.patience(config)
     preflight.check_data_dir(config.data)
     preflight.check_workdir_writable(workdir)
     budget = reliability.TimeBudget(reliability.deadline(time_limit_s))
     try:
         with workdir_lib.locked(workdir):
-            return _run(config, workdir, budget, nonfinite)
+            return _run(config, workdir, budget, nonfinite, patience)
     except StopNow as error:
         raise stopped_at_once(error, os.path.join(workdir, CHECKPOINTS_DIRNAME)) from None
 
 
-def _run(config, workdir, budget: reliability.TimeBudget, nonfinite: str) -> dict[str, Any]:
+def _run(config, workdir, budget: reliability.TimeBudget, nonfinite: str, patience: int) -> dict[str, Any]:
     """`run()` once the workdir is locked: set up, train, evaluate and write the results."""
     stop = StopRequest()
     with stop.installed():
@@ -89,7 +91,7 @@ def _run(config, workdir, budget: reliability.TimeBudget, nonfinite: str) -> dic
         manager = checkpointer(workdir, config)
         writer = reporting.MetricWriter(workdir)
         try:
-            outcome = _train(config, workdir, s, train_iter, manager, writer, stop, budget, nonfinite)
+            outcome = _train(config, workdir, s, train_iter, manager, writer, stop, budget, nonfinite, patience)
             train_iter.close()  # Stops the prefetch thread (and Grain's workers); prefetched batches are dropped.
             manager.close()  # Raises CheckpointWriteError if the last save failed.
             writer.close()
@@ -108,7 +110,7 @@ def _run(config, workdir, budget: reliability.TimeBudget, nonfinite: str) -> dic
     results = {
         "name": config.get("name", ""),
         "workdir": workdir,
-        "steps": outcome["step"],
+        "steps": outcome["step"],  # num_steps, or the step where early stopping ended the run.
         "resumed_from_step": outcome["start_step"],
         "train_seconds_this_run": round(outcome["train_seconds"], 2),
         "step_time_s": float(np.median(step_times)) if step_times else None,
@@ -121,6 +123,8 @@ def _run(config, workdir, budget: reliability.TimeBudget, nonfinite: str) -> dic
     }
     if nonfinite == "skip":
         results["nonfinite_skipped_steps"] = outcome["skipped"]
+    if outcome["early_stopped"]:
+        results["early_stopped"] = outcome["early_stopped"]
     results["config_history"] = workdir_lib.describe_config_history(workdir)
     if reporting.is_primary():
         reliability.write_json_atomic(os.path.join(workdir, RESULTS_FILENAME), results, indent=2)
@@ -147,7 +151,7 @@ def _close_after_error(checkpointer: Checkpointer, writer: reporting.MetricWrite
 
 
 def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, writer: reporting.MetricWriter,
-           stop: StopRequest, budget: reliability.TimeBudget, nonfinite: str) -> dict[str, Any]:
+           stop: StopRequest, budget: reliability.TimeBudget, nonfinite: str, patience: int) -> dict[str, Any]:
     """The body of `run()` between opening and closing the checkpointer and the metric writer."""
     num_steps = config.train.num_steps
     restored = checkpointer.restore_latest(s.abstract_state, train_iter)
@@ -160,6 +164,8 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
         reporting.console(f"resumed from step {start_step} in {workdir}")
     writer.truncate_after(start_step)  # Records of steps after the checkpoint are recomputed identically.
     workdir_lib.record_config(workdir, config, start_step)
+    early = early_stopping.EarlyStopping(patience, config.checkpoint.best_metric, config.checkpoint.best_mode,
+                                         saved.get("early_stopping"))
 
     num_params = count_parameters(s.abstract_state.params)
     frozen_note = ""
@@ -208,12 +214,15 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
     step_times: list[float] = []  # Seconds per step over each logging window (after the first, compiled one).
     window_start, window_steps, window_wait = None, 0, 0.0
     train_start = time.perf_counter()
-    if step < num_steps and any_process(stop.signal is not None or budget.exhausted(evaluates=evaluates(step + 1))):
+    if early.stopped:
+        reporting.console(f"{early.message()}; this run is finished, nothing to train (a new --workdir trains more)")
+    elif step < num_steps and any_process(stop.signal is not None or
+                                          budget.exhausted(evaluates=evaluates(step + 1))):
         stop.acted_on = True
         reporting.console(f"stopping before training, at step {step} in {workdir}, because of {stop.reason}; re-run to "
                         "continue")
         return {"preempted": True, "step": step}
-    while step < num_steps:
+    while step < num_steps and not early.stopped:
         step_start = time.perf_counter()
         batch = next(train_iter)  # Checked against the input spec and already on the devices.
         state, metrics = step_fn(state, batch)
@@ -245,6 +254,7 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
             eval_start = time.perf_counter()
             last_eval = (step, evaluate_all(step))
             budget.eval_seconds.append(time.perf_counter() - eval_start)
+            early.update(step, flat(last_eval[1]), num_steps)
             window_start, window_steps = None, 0  # Evaluation time is not step time.
         if step < num_steps:
             stop.time_up = budget.exhausted(evaluates=evaluates(step + 1), save_seconds=checkpointer.save_seconds)
@@ -255,6 +265,7 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
                 "window": reliability.window_to_json(window),
                 "skipped_steps": skipped,
                 **({"eval": last_eval[1]} if evaluated else {}),
+                **({"early_stopping": early.to_json()} if early.active else {}),
             }
             with stop.saving():  # A second signal meanwhile waits until this save's write is under way.
                 checkpointer.save(step, state, train_iter, flat(last_eval[1]) if evaluated else None, loop_state)
@@ -262,6 +273,9 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
             if budget.active and not checkpointer.save_seconds:
                 checkpointer.wait()  # Times the first save, which the budget needs.
             window_start, window_steps = None, 0
+        if early.stopped:
+            reporting.console(early.message())
+            break
         if stopping:
             stop.acted_on = True
             reporting.console(f"stopped at step {step} after {stop.reason}; checkpoint saved. Re-run to resume.")
@@ -278,4 +292,5 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
         logged = any(r["step"] == step and r["split"] in config.eval.splits for r in records)
         final = evaluate_all(step, log=not logged)
     return {"preempted": False, "start_step": start_step, "step": step, "final": final, "memory": memory,
-            "step_times": step_times, "train_seconds": train_seconds, "skipped": skipped}
+            "step_times": step_times, "train_seconds": train_seconds, "skipped": skipped,
+            "early_stopped": early.stopped}
