@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 
 METRICS_FILENAME = "metrics.jsonl"
+MALFORMED_SUFFIX = ".malformed"  # metrics.jsonl.malformed: lines moved aside by `MetricWriter.truncate_after`.
 
 
 def is_primary() -> bool:
@@ -34,6 +36,16 @@ def _scalar(value: Any) -> float | int:
     return int(value) if np.issubdtype(value.dtype, np.integer) else float(value)
 
 
+def _record_step(line: str) -> int | None:
+    """The "step" of a metrics.jsonl line, or None when the line is not such a record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 class MetricWriter:
     """Appends `{"step": s, "split": name, **metrics}` records to metrics.jsonl and TensorBoard event files."""
 
@@ -47,11 +59,31 @@ class MetricWriter:
 
     def truncate_after(self, step: int) -> None:
         """Drops records of steps later than `step`: a resumed run recomputes them identically. A torn last line
-        (the process was killed mid-write; always of a step after the last checkpoint) is dropped too."""
+        (the process was killed mid-write; always of a step after the last checkpoint) is dropped too.
+
+        A malformed complete line (not a JSON record with an integer "step": an edit, a damaged copy) is moved to
+        `metrics.jsonl.malformed` with a warning naming the file and its line numbers; the good records are kept.
+        """
         if not is_primary() or not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            kept = [line for line in f if line.strip() and line.endswith("\n") and json.loads(line)["step"] <= step]
+            lines = f.readlines()
+        kept, malformed = [], []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip() or not line.endswith("\n"):
+                continue  # Blank, or torn by a kill (only the last line can be).
+            record_step = _record_step(line)
+            if record_step is None:
+                malformed.append((number, line))
+            elif record_step <= step:
+                kept.append(line)
+        if malformed:
+            aside = self.path + MALFORMED_SUFFIX
+            with open(aside, "a") as f:
+                f.writelines(line for _, line in malformed)
+            numbers = ", ".join(str(n) for n, _ in malformed[:10]) + (" ..." if len(malformed) > 10 else "")
+            warnings.warn(f"{self.path}: {len(malformed)} malformed line(s) (line {numbers}) moved to {aside}; the "
+                          f"{len(kept)} good record(s) up to step {step} are kept", RuntimeWarning, stacklevel=2)
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)

@@ -25,8 +25,10 @@ from mmjax.data.datasets import get_dataset
 from mmjax.nn.builder import build_model
 from mmjax.registry import DATASETS
 from mmjax.tasks import build_task
+from mmjax.train import early_stopping
 from mmjax.train import setup as setup_lib
 from mmjax.train import workdir as workdir_lib
+from mmjax.train.preflight import RunRefused
 from tests.conftest import tiny_overrides
 
 NO_DATA = "/nonexistent/tfds"  # For checks that must fail before any data is read.
@@ -187,6 +189,22 @@ def test_bad_config_value_fails_validation(key, value, fragments):
     _set(config, key, value)
     with raises(ValueError, *fragments):
         setup_lib.validate(config)
+
+
+@pytest.mark.parametrize(
+    "value, best_metric, fragments",
+    [
+        # A negative patience (0 is off).
+        (-2, "validation/accuracy", ["config train.early_stopping_patience=-2 must be an int >= 0", "(0 = off)"]),
+        # Early stopping with no metric to watch.
+        (3, "", ["config train.early_stopping_patience=3 needs checkpoint.best_metric ('SPLIT/METRIC'"]),
+    ],
+)
+def test_bad_early_stopping_patience(value, best_metric, fragments):
+    config = tiny_config(**{"checkpoint.best_metric": best_metric})
+    config.train.early_stopping_patience = value
+    with raises(ValueError, *fragments):
+        early_stopping.patience(config)
 
 
 def test_every_metric_name_a_task_declares_is_one_it_reports():
@@ -465,8 +483,8 @@ def test_large_finite_values_are_not_mistaken_for_inf():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. Workdirs (`workdir.check_workdir`, before anything is written): a workdir holding another model's checkpoints
-#    is refused and left untouched.
+# 7. Workdirs (`workdir.check_workdir`, `check_saved_step`, before anything is written): a workdir holding another
+#    model's checkpoints, or a step beyond train.num_steps, is refused and left untouched.
 # ---------------------------------------------------------------------------------------------------------------
 
 INPUT_SPEC = {"image": [[8, 8, 1], "float32"], "label": [[], "int32"]}
@@ -509,6 +527,13 @@ def test_workdir_with_an_unreadable_config(tmp_path):
         f.write('{"model": ')
     with raises(ValueError, "its config.json / model_inputs.json cannot be read"):
         workdir_lib.check_workdir(workdir, tiny_config(), INPUT_SPEC)
+
+
+def test_workdir_with_a_step_beyond_num_steps(tmp_path):
+    workdir = fake_workdir(tmp_path / "run", tiny_config())  # Holds step 2.
+    with raises(RunRefused, f"workdir {workdir} holds a checkpoint of step 2, beyond train.num_steps=1",
+                "give train.num_steps >= 2; to train train.num_steps=1 from scratch, use a new --workdir"):
+        workdir_lib.check_saved_step(workdir, 1)
 
 
 def test_workdir_that_is_a_file(tmp_path):

@@ -2,7 +2,7 @@
 
     python -m mmjax.data.build --manifest my.csv --out DIR [--on-error skip|stop] [--sample-rate 16000 --resample]
         [--optional audio] [--column image=photo --column label=class] [--classes cat,dog]
-        [--val-fraction 0.1 --test-fraction 0.1] [--text-files] [--label-sep ';'] [--overwrite]
+        [--val-fraction 0.1 --test-fraction 0.1] [--text-files] [--label-sep ';'] [--dedup] [--overwrite]
 
 then train any experiment on it with `config.data.name = "files"`, `config.data.data_dir = DIR` (and per-key
 `config.data.preprocess` chains, see mmjax.data.ops and mmjax.data.files).
@@ -37,6 +37,12 @@ Splits: a `split` column (any names, e.g. train / validation / test), or else `-
 `--test-fraction` (default 0.1 each) of the good rows, carved deterministically (`--split-seed`): stratified by
 label, exact totals. Examples are stored in manifest order.
 
+Duplicates: rows that would store identical examples (the same image bytes, the same audio samples, the same
+text and labels, whatever their file names) are reported (their count and the first ones, in the output and in
+build_report.json) and kept together in one split, so that no example is both trained and tested on: carved
+splits place each group of copies as one, and with a split column a copy listed in another split than the
+group's first row is moved to that row's split (and reported). `--dedup` keeps only the first row of each group.
+
 Bad rows: missing file, unreadable image, unreadable audio, wrong sample rate, empty text, unknown label,
 missing required cell (or a JSONL line that is not an object, a CSV row with extra cells, an invalid split
 name). Every row is checked before anything is written; each bad row is reported as "row R (line L)": R is the
@@ -50,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -114,6 +121,8 @@ class GoodRow:
     labels: tuple[str, ...]
     paths: Mapping[str, str | None]  # image / audio file per modality; None when absent (optional).
     text: str | None  # None when absent (optional) or no text column.
+    line: int = 0  # 1-based manifest line where the row starts.
+    digest: str = ""  # Hash of what would be stored (contents, text, labels): equal for duplicate rows.
 
 
 @dataclasses.dataclass
@@ -136,6 +145,7 @@ class Options:
     vocab_size: int = 8000
     overwrite: bool = False
     progress: bool = True
+    dedup: bool = False  # Keep only the first of each group of duplicate rows (else: all, in one split).
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -283,8 +293,10 @@ class _Checker:
         paths: dict[str, str | None] = {}
         text = None
         present = []
+        digest = hashlib.sha256(json.dumps(labels).encode())
         for modality in self.modalities:
             value = _cell(row, self.columns[modality], strip=modality != "text")
+            digest.update(f"|{modality}:".encode())
             if value is None:
                 if modality not in self.options.optional:
                     reasons.append(f"missing required cell {self.columns[modality]!r} ({modality})")
@@ -292,8 +304,9 @@ class _Checker:
             if modality == "text":
                 text = self._text(value, reasons)
                 ok = text is not None
+                digest.update(json.dumps(text).encode())
             else:
-                paths[modality] = self._file(modality, value, reasons)
+                paths[modality] = self._file(modality, value, reasons, digest)
                 ok = paths[modality] is not None
             if ok:
                 present.append(modality)
@@ -301,7 +314,8 @@ class _Checker:
             reasons.append("no modality present (every cell of " + ", ".join(self.modalities) + " is empty)")
         if reasons:
             return BadRow(row.row, row.line, tuple(reasons))
-        return GoodRow(row.row, split, labels, {m: paths.get(m) for m in self.modalities if m != "text"}, text)
+        return GoodRow(row.row, split, labels, {m: paths.get(m) for m in self.modalities if m != "text"}, text,
+                       row.line, digest.hexdigest())
 
     def _labels(self, row: ManifestRow, reasons: list[str]) -> tuple[str, ...]:
         column = self.columns["label"]
@@ -362,7 +376,9 @@ class _Checker:
             return None
         return value.strip()
 
-    def _file(self, modality: str, value: Any, reasons: list[str]) -> str | None:
+    def _file(self, modality: str, value: Any, reasons: list[str], digest) -> str | None:
+        """The checked file's path (None for a bad one); `digest` is updated with what would be stored from it:
+        an image's bytes, an audio file's sample rate and samples."""
         if not isinstance(value, str):
             reasons.append(f"{modality} cell {value!r} is not a file path")
             return None
@@ -372,11 +388,12 @@ class _Checker:
             return None
         if modality == "image":
             try:
-                _, size = read_image(path)
+                data, size = read_image(path)
             except Exception as error:  # Pillow raises many types for broken files.
                 reasons.append(f"unreadable image {value!r} ({type(error).__name__}: {error})")
                 return None
             self.image_size = self.image_size or size
+            digest.update(hashlib.sha256(data).digest())
             return path
         try:
             rate, audio = read_audio(path)
@@ -397,6 +414,7 @@ class _Checker:
             return None
         if self.audio_length is None:
             self.audio_length = _resampled_length(audio.size, rate, self.sample_rate)
+        digest.update(f"{rate}:".encode() + hashlib.sha256(np.ascontiguousarray(audio).tobytes()).digest())
         return path
 
 
@@ -424,6 +442,58 @@ def check_rows(rows: Sequence[ManifestRow], columns: Mapping[str, str], options:
 
 
 # ---------------------------------------------------------------------------------------------- planning
+
+
+@dataclasses.dataclass
+class Duplicates:
+    """Groups of good rows that would store identical examples: each group's first row and its later copies."""
+
+    groups: list[tuple[GoodRow, list[GoodRow]]]
+    dropped: bool = False  # --dedup: the copies were left out.
+    moved: list[tuple[GoodRow, str, str]] = dataclasses.field(default_factory=list)  # (copy, from split, to split)
+
+    @property
+    def copies(self) -> int:
+        return sum(len(copies) for _, copies in self.groups)
+
+    def first_of(self) -> dict[int, GoodRow]:
+        """Copy's row -> the first row of its group."""
+        return {copy.row: first for first, copies in self.groups for copy in copies}
+
+    def to_json(self, max_rows: int = 20) -> dict[str, Any]:
+        first_of = self.first_of()
+        pairs = [(copy, first) for first, copies in self.groups for copy in copies][:max_rows]
+        return {
+            "copies": self.copies,
+            "examples": len(self.groups),
+            "action": "dropped (--dedup)" if self.dropped else "kept, each group in one split",
+            "first": [{"row": c.row, "line": c.line, "same_as_row": f.row, "same_as_line": f.line} for c, f in pairs],
+            "moved": [{"row": c.row, "line": c.line, "from": a, "to": b, "same_as_row": first_of[c.row].row}
+                      for c, a, b in self.moved],
+        }
+
+    def summary(self, max_rows: int = 5) -> list[str]:
+        if not self.groups:
+            return ["  duplicate rows: none"]
+        action = ("dropped (--dedup)" if self.dropped
+                  else "kept in the split of their group's first row (--dedup drops them)")
+        pairs = [(copy, first) for first, copies in self.groups for copy in copies]
+        shown = "; ".join(f"row {c.row} (line {c.line}) = row {f.row} (line {f.line})" for c, f in pairs[:max_rows])
+        lines = [f"  duplicate rows: {self.copies} copies of {len(self.groups)} examples, {action}: {shown}"
+                 + (f"; ... (see {REPORT_FILENAME})" if len(pairs) > max_rows else "")]
+        if self.moved:
+            moved = "; ".join(f"row {c.row} (line {c.line}) {a} -> {b}" for c, a, b in self.moved[:max_rows])
+            lines.append(f"  {len(self.moved)} copies listed in another split than their first row, moved there: "
+                         + moved + (f"; ... (see {REPORT_FILENAME})" if len(self.moved) > max_rows else ""))
+        return lines
+
+
+def find_duplicates(good: Sequence[GoodRow]) -> Duplicates:
+    """Groups of rows with equal digests (identical stored examples), in manifest order."""
+    by_digest: dict[str, list[GoodRow]] = {}
+    for row in good:
+        by_digest.setdefault(row.digest, []).append(row)
+    return Duplicates([(rows[0], rows[1:]) for rows in by_digest.values() if len(rows) > 1])
 
 
 def class_names(good: Sequence[GoodRow], classes: Sequence[str] | None) -> tuple[str, ...]:
@@ -649,10 +719,12 @@ class BuildReport:
     optional: tuple[str, ...]
     sample_rate: int | None
     task: str
+    duplicates: Duplicates = dataclasses.field(default_factory=lambda: Duplicates([]))
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["bad_rows"] = [dataclasses.asdict(b) | {"message": str(b)} for b in self.bad_rows]
+        out["duplicates"] = self.duplicates.to_json()
         return out
 
     def summary(self, max_rows: int = 50) -> str:
@@ -671,6 +743,7 @@ class BuildReport:
             lines.append(f"    {bad}")
         if len(self.bad_rows) > max_rows:
             lines.append(f"    ... and {len(self.bad_rows) - max_rows} more (see {REPORT_FILENAME})")
+        lines += self.duplicates.summary()
         return "\n".join(lines)
 
 
@@ -722,14 +795,25 @@ def build(manifest: str, out: str, options: Options | None = None, **kwargs) -> 
     for modality in options.optional:
         if not any(row.text if modality == "text" else row.paths.get(modality) for row in checked.good):
             raise ManifestError(f"--optional {modality}: no good row has a {modality}; drop the column instead")
-    classes = class_names(checked.good, options.classes)
+    duplicates = find_duplicates(checked.good)
+    first_of = duplicates.first_of()
+    good = [row for row in checked.good if not (options.dedup and row.row in first_of)]
+    duplicates.dropped = options.dedup
+    classes = class_names(good, options.classes)
     if "split" in columns:
-        split_of = {row.row: row.split for row in checked.good}
-    else:
-        split_of = carve_splits(checked.good, 0.1 if options.val_fraction is None else options.val_fraction,
+        split_of = {row.row: row.split for row in good}
+    else:  # Each group of copies is carved as one row (its first), so that it lands in one split.
+        split_of = carve_splits([row for row in good if row.row not in first_of],
+                                0.1 if options.val_fraction is None else options.val_fraction,
                                 0.1 if options.test_fraction is None else options.test_fraction, options.split_seed)
+    for row in good:
+        if row.row in first_of:
+            target = split_of[first_of[row.row].row]
+            if "split" in columns and row.split != target:
+                duplicates.moved.append((row, row.split, target))
+            split_of[row.row] = target
     rows_by_split: dict[str, list[GoodRow]] = {}
-    for row in checked.good:
+    for row in good:
         rows_by_split.setdefault(split_of[row.row], []).append(row)
     order = [s for s in DEFAULT_SPLITS if s in rows_by_split] + sorted(set(rows_by_split) - set(DEFAULT_SPLITS))
     plan = BuildPlan(
@@ -767,7 +851,7 @@ def build(manifest: str, out: str, options: Options | None = None, **kwargs) -> 
         manifest=manifest, out=out, dataset_dir=directory,
         examples={s: len(r) for s, r in plan.rows_by_split.items()}, skipped=len(checked.bad),
         bad_rows=checked.bad, classes=classes, modalities=modalities, optional=plan.optional,
-        sample_rate=checked.sample_rate, task=plan.metadata()["task"],
+        sample_rate=checked.sample_rate, task=plan.metadata()["task"], duplicates=duplicates,
     )
     with open(os.path.join(out, REPORT_FILENAME), "w") as f:
         json.dump(report.to_json(), f, indent=2)
@@ -875,6 +959,9 @@ def parser() -> argparse.ArgumentParser:
                    help="text: 'train' (WordPiece on the train split, saved with the data), 'minilm', a "
                         "tokenizer.json path, or 'none'")
     p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary of the trained tokenizer")
+    p.add_argument("--dedup", action="store_true",
+                   help="keep only the first of rows that store identical examples (default: keep them all, each "
+                        "group in one split; either way they are reported)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT/files if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -889,7 +976,7 @@ def main(argv: Sequence[str] | None = None) -> BuildReport:
             classes=_csv_list([args.classes]) if args.classes is not None else None, label_sep=args.label_sep,
             val_fraction=args.val_fraction, test_fraction=args.test_fraction, split_seed=args.split_seed,
             on_error=args.on_error, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-            overwrite=args.overwrite, progress=not args.quiet,
+            overwrite=args.overwrite, progress=not args.quiet, dedup=args.dedup,
         )
         report = build(args.manifest, args.out, options)
     except (ManifestError, BadRowError) as error:

@@ -29,7 +29,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -49,6 +49,7 @@ META_ITEM = "meta"  # JSON item saved with every step: {"format", "step", "finge
 META_FORMAT = 1
 FINGERPRINT_ALGORITHM = "uint32 wrap-around sums of the bitcast values: plain, and weighted by odd position hashes"
 _GOLDEN = 0x9E3779B1  # Odd multiplier (2^32 / golden ratio) that spreads positions over the 32 bits.
+_POLL_SECONDS = 0.005  # How often a wait for a checkpoint write checks whether it finished.
 
 
 def check_best_metric(checkpoint: Mapping[str, Any], splits: Sequence[str], task: str,
@@ -253,16 +254,48 @@ class Checkpointer:
         self._in_flight = (step, time.perf_counter())
         try:
             self._manager.save(step, args=args, metrics=metrics, force=True)
-        except Exception as error:  # Orbax re-raises the writer threads' errors (OSError, ValueError, ...).
-            raise self._write_failure(step, error) from error
+        except BaseException as error:
+            self._in_flight = None  # No write of this step is under way to wait for.
+            if isinstance(error, Exception):  # Orbax re-raises the writer threads' errors (OSError, ValueError, ...).
+                raise self._write_failure(step, error) from error
+            raise
 
     def _on_write_finished(self) -> None:
         """Orbax's callback once a save's files are all written (just before the step directory is committed)."""
         if self._in_flight is not None:
             self.save_seconds.append(time.perf_counter() - self._in_flight[1])
 
+    @property
+    def in_flight_step(self) -> int | None:
+        """The step whose save was started and not yet waited for (it may have finished writing meanwhile)."""
+        return self._in_flight[0] if self._in_flight is not None else None
+
+    def _writing(self) -> bool:
+        return self._in_flight is not None and self._manager.is_saving_in_progress()
+
+    def finish_within(self, seconds: float, give_up: Callable[[], bool] = lambda: False) -> bool:
+        """Waits up to `seconds` (less if `give_up()` turns true) for the write in flight; when it finished, closes
+        the manager and returns whether the step is committed. Used when a run must stop at once (a second signal):
+        a write still running after that is left to Orbax's threads (a partial step is never resumed from)."""
+        deadline = time.monotonic() + seconds
+        while self._writing() and time.monotonic() < deadline and not give_up():
+            time.sleep(_POLL_SECONDS)
+        if self._writing():
+            return False
+        step = self.in_flight_step
+        try:
+            self.close()
+        except CheckpointWriteError as error:
+            reporting.console(str(error))
+        return step is not None and step in self.committed_steps()
+
     def _wait(self) -> None:
-        """Finishes the save in flight; its failure is reported as a `CheckpointWriteError` naming its step."""
+        """Finishes the save in flight; its failure is reported as a `CheckpointWriteError` naming its step.
+
+        Polls rather than blocking inside Orbax, so that a signal handler's exception (a second Ctrl-C) interrupts
+        the wait cleanly, leaving the write running and `in_flight_step` known."""
+        while self._writing():
+            time.sleep(_POLL_SECONDS)
         in_flight = self._in_flight
         try:
             self._manager.wait_until_finished()
@@ -333,14 +366,16 @@ class Checkpointer:
         return dict((self._meta.get(step) or {}).get("loop") or {})
 
     def best_step(self) -> int:
-        """The kept step with the best `best_metric` value (error when no step recorded it)."""
+        """The kept step with the best `best_metric` value, the latest of equal ones (the one Orbax's BestN keeps;
+        error when no step recorded it)."""
         if not self._best_metric:
             raise ValueError("no checkpoint.best_metric is configured, so there is no best step")
         scored = [(m[self._best_metric], s) for s in self.all_steps()
                   if (m := self.metrics(s)) and self._best_metric in m]
         if not scored:
             raise ValueError(f"no checkpoint in {self.directory} recorded {self._best_metric!r}")
-        return (max if self._best_mode == "max" else min)(scored)[1]
+        sign = 1.0 if self._best_mode == "max" else -1.0
+        return max(scored, key=lambda value_step: (sign * value_step[0], value_step[1]))[1]
 
     def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[int, Any] | None:
         """Restores the newest step that restores and verifies cleanly; returns (step, state) or None when there is
@@ -380,16 +415,20 @@ class Checkpointer:
         again (Orbax keeps re-raising it), so closing after an error never hides that error."""
         already_failed = self._failed
         try:
-            self._wait()
+            self._wait()  # An interruption (a second signal) propagates from here and leaves the write running.
         except CheckpointWriteError:
+            self._close_manager()
             if not already_failed:
                 raise
-        finally:
-            try:
-                self._manager.close()
-            except Exception as error:
-                if not self._failed:
-                    raise self._write_failure(None, error) from error
+            return
+        self._close_manager()
+
+    def _close_manager(self) -> None:
+        try:
+            self._manager.close()
+        except Exception as error:
+            if not self._failed:
+                raise self._write_failure(None, error) from error
 
 
 def _sync(name: str) -> None:

@@ -1,8 +1,10 @@
 """`run(config, workdir)`: train, evaluate and checkpoint one model; re-running on the same workdir resumes.
 
-The loop only orchestrates: `setup` builds and checks everything from the config, `workdir` guards and loads
-the run's directory, `checkpoint` saves and restores, `preemption` turns signals into a clean stop, `reliability`
-handles NaN/Inf and the time budget, and the evaluators (`mmjax.evaluate`) compute the metrics.
+The loop only orchestrates: `setup` builds and checks everything from the config, `preflight` and `workdir` guard
+the run's directory (writable, locked, the same model, its config history) and load it back, `checkpoint` saves
+and restores, `preemption` turns signals into a clean stop, `reliability` handles NaN/Inf and the time budget,
+`early_stopping` ends a run whose best metric stopped improving, and the evaluators (`mmjax.evaluate`) compute
+the metrics.
 """
 
 from __future__ import annotations
@@ -16,18 +18,18 @@ import jax
 import ml_collections
 import numpy as np
 
-from mmjax import config as config_lib
 from mmjax import reporting
 from mmjax.data import pipeline
 from mmjax.evaluate.outputs import scalars
-from mmjax.train import reliability
+from mmjax.train import early_stopping, preflight, reliability
+from mmjax.train import workdir as workdir_lib
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.memory import step_memory
-from mmjax.train.preemption import StopRequest, any_process
+from mmjax.train.preemption import StopNow, StopRequest, any_process, stopped_at_once
 from mmjax.train.setup import Setup, setup
 from mmjax.train.state import count_parameters
 from mmjax.train.step import split_params
-from mmjax.train.workdir import INPUTS_FILENAME, RESULTS_FILENAME, check_workdir, checkpointer
+from mmjax.train.workdir import CHECKPOINTS_DIRNAME, INPUTS_FILENAME, RESULTS_FILENAME, check_workdir, checkpointer
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -39,21 +41,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     step finishes, a checkpoint is written and the returned dict is `{"preempted": True, "step": N}` (the CLI exits
     with `PREEMPTED_EXIT_CODE`). A NaN/Inf loss or gradient raises `reliability.NonFiniteError` before anything of
     that step is saved (or, with `train.nonfinite="skip"`, the update is skipped). A failed checkpoint write raises
-    `checkpoint.CheckpointWriteError`. On every exit path the pending checkpoint write is finished and logs closed.
+    `checkpoint.CheckpointWriteError`. On every exit path the pending checkpoint write is finished and logs closed;
+    on a second signal it gets a grace period and `preemption.StoppedAtOnce` is raised after one line naming the
+    checkpoint that survives. A workdir that is read-only, locked by another run (`workdir_lock`) or holds a step
+    beyond `train.num_steps`, or a read-only TFDS data dir the dataset must be built in, raises
+    `preflight.RunRefused` (one line on the command line) before anything is done.
     """
     workdir = os.path.abspath(workdir)
     nonfinite, time_limit_s = reliability.options(config)
+    patience = early_stopping.patience(config)
+    preflight.check_data_dir(config.data)
+    preflight.check_workdir_writable(workdir)
     budget = reliability.TimeBudget(reliability.deadline(time_limit_s))
+    try:
+        with workdir_lib.locked(workdir):
+            return _run(config, workdir, budget, nonfinite, patience)
+    except StopNow as error:
+        raise stopped_at_once(error, os.path.join(workdir, CHECKPOINTS_DIRNAME)) from None
+
+
+def _run(config, workdir, budget: reliability.TimeBudget, nonfinite: str, patience: int) -> dict[str, Any]:
+    """`run()` once the workdir is locked: set up, train, evaluate and write the results."""
     stop = StopRequest()
     with stop.installed():
         s = setup(config)
         dataset, spec = s.dataset, s.spec
         check_workdir(workdir, config, spec)
+        workdir_lib.check_saved_step(workdir, config.train.num_steps)
         if reporting.is_primary():
-            config_lib.save(config, workdir)
             reliability.write_json_atomic(os.path.join(workdir, INPUTS_FILENAME), spec, indent=2)
 
-        num_steps = config.train.num_steps
         # Batches are checked and sent to the devices `data.prefetch` steps ahead by a background thread;
         # `train_iter` checkpoints the position of the batches the steps consumed (pipeline.DevicePrefetcher).
         train_iter = pipeline.device_prefetch(
@@ -74,26 +91,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         manager = checkpointer(workdir, config)
         writer = reporting.MetricWriter(workdir)
         try:
-            outcome = _train(config, workdir, s, train_iter, manager, writer, stop, budget, nonfinite)
-        except BaseException:
+            outcome = _train(config, workdir, s, train_iter, manager, writer, stop, budget, nonfinite, patience)
+            train_iter.close()  # Stops the prefetch thread (and Grain's workers); prefetched batches are dropped.
+            manager.close()  # Raises CheckpointWriteError if the last save failed.
+            writer.close()
+        except BaseException as error:
             train_iter.close()
-            _close_after_error(manager, writer)
+            _close_after_error(manager, writer, stop, error)
             raise
-        train_iter.close()  # Stops the prefetch thread (and Grain's workers); prefetched batches are dropped.
-        manager.close()  # Raises CheckpointWriteError if the last save failed.
-        writer.close()
     if outcome.get("preempted"):
         return outcome
     previous = os.path.join(workdir, RESULTS_FILENAME)
     memory, step_times = outcome["memory"], outcome["step_times"]
-    if memory is None and outcome["start_step"] == num_steps and os.path.exists(previous):
+    if memory is None and outcome["start_step"] == outcome["step"] and os.path.exists(previous):
         with open(previous) as f:  # A finished run, only restarted: keep the measurements of its training.
             saved = json.load(f)
         memory, step_times = saved.get("step_memory"), [saved["step_time_s"]] if saved.get("step_time_s") else []
     results = {
         "name": config.get("name", ""),
         "workdir": workdir,
-        "steps": num_steps,
+        "steps": outcome["step"],  # num_steps, or the step where early stopping ended the run.
         "resumed_from_step": outcome["start_step"],
         "train_seconds_this_run": round(outcome["train_seconds"], 2),
         "step_time_s": float(np.median(step_times)) if step_times else None,
@@ -106,6 +123,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     }
     if nonfinite == "skip":
         results["nonfinite_skipped_steps"] = outcome["skipped"]
+    if outcome["early_stopped"]:
+        results["early_stopped"] = outcome["early_stopped"]
+    results["config_history"] = workdir_lib.describe_config_history(workdir)
     if reporting.is_primary():
         reliability.write_json_atomic(os.path.join(workdir, RESULTS_FILENAME), results, indent=2)
         reporting.plot_curves(reporting.read_metrics(workdir), os.path.join(workdir, "curves.png"),
@@ -113,20 +133,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return results
 
 
-def _close_after_error(checkpointer: Checkpointer, writer: reporting.MetricWriter) -> None:
-    """Finishes the pending checkpoint write and closes the logs while an error propagates; a second failure here
-    is printed, never raised over the first."""
-    for close in (checkpointer.close, writer.close):
+def _close_after_error(checkpointer: Checkpointer, writer: reporting.MetricWriter, stop: StopRequest,
+                       error: BaseException) -> None:
+    """Finishes the pending checkpoint write (after a second signal: within its grace period) and closes the logs
+    while an error propagates; a second failure here is printed, never raised over the first."""
+    closes = [checkpointer.close, writer.close]
+    if isinstance(error, StopNow):
+        stop.finish_pending(error, checkpointer.finish_within, checkpointer.in_flight_step)
+        closes = [writer.close]
+    for close in closes:
         try:
             close()
-        except Exception as error:  # noqa: BLE001 - the original error is the one to report.
+        except Exception as failure:  # noqa: BLE001 - the original error is the one to report.
             reporting.console(
-                f"while stopping after an error: {close.__qualname__} failed: {type(error).__name__}: {error}"
+                f"while stopping after an error: {close.__qualname__} failed: {type(failure).__name__}: {failure}"
             )
 
 
 def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, writer: reporting.MetricWriter,
-           stop: StopRequest, budget: reliability.TimeBudget, nonfinite: str) -> dict[str, Any]:
+           stop: StopRequest, budget: reliability.TimeBudget, nonfinite: str, patience: int) -> dict[str, Any]:
     """The body of `run()` between opening and closing the checkpointer and the metric writer."""
     num_steps = config.train.num_steps
     restored = checkpointer.restore_latest(s.abstract_state, train_iter)
@@ -138,6 +163,9 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
         saved = checkpointer.loop_state(start_step)
         reporting.console(f"resumed from step {start_step} in {workdir}")
     writer.truncate_after(start_step)  # Records of steps after the checkpoint are recomputed identically.
+    workdir_lib.record_config(workdir, config, start_step)
+    early = early_stopping.EarlyStopping(patience, config.checkpoint.best_metric, config.checkpoint.best_mode,
+                                         saved.get("early_stopping"))
 
     num_params = count_parameters(s.abstract_state.params)
     frozen_note = ""
@@ -186,12 +214,15 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
     step_times: list[float] = []  # Seconds per step over each logging window (after the first, compiled one).
     window_start, window_steps, window_wait = None, 0, 0.0
     train_start = time.perf_counter()
-    if step < num_steps and any_process(stop.signal is not None or budget.exhausted(evaluates=evaluates(step + 1))):
+    if early.stopped:
+        reporting.console(f"{early.message()}; this run is finished, nothing to train (a new --workdir trains more)")
+    elif step < num_steps and any_process(stop.signal is not None or
+                                          budget.exhausted(evaluates=evaluates(step + 1))):
         stop.acted_on = True
         reporting.console(f"stopping before training, at step {step} in {workdir}, because of {stop.reason}; re-run to "
                         "continue")
         return {"preempted": True, "step": step}
-    while step < num_steps:
+    while step < num_steps and not early.stopped:
         step_start = time.perf_counter()
         batch = next(train_iter)  # Checked against the input spec and already on the devices.
         state, metrics = step_fn(state, batch)
@@ -223,6 +254,7 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
             eval_start = time.perf_counter()
             last_eval = (step, evaluate_all(step))
             budget.eval_seconds.append(time.perf_counter() - eval_start)
+            early.update(step, flat(last_eval[1]), num_steps)
             window_start, window_steps = None, 0  # Evaluation time is not step time.
         if step < num_steps:
             stop.time_up = budget.exhausted(evaluates=evaluates(step + 1), save_seconds=checkpointer.save_seconds)
@@ -233,12 +265,17 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
                 "window": reliability.window_to_json(window),
                 "skipped_steps": skipped,
                 **({"eval": last_eval[1]} if evaluated else {}),
+                **({"early_stopping": early.to_json()} if early.active else {}),
             }
-            checkpointer.save(step, state, train_iter, flat(last_eval[1]) if evaluated else None, loop_state)
+            with stop.saving():  # A second signal meanwhile waits until this save's write is under way.
+                checkpointer.save(step, state, train_iter, flat(last_eval[1]) if evaluated else None, loop_state)
             last_checkpoint = step
             if budget.active and not checkpointer.save_seconds:
                 checkpointer.wait()  # Times the first save, which the budget needs.
             window_start, window_steps = None, 0
+        if early.stopped:
+            reporting.console(early.message())
+            break
         if stopping:
             stop.acted_on = True
             reporting.console(f"stopped at step {step} after {stop.reason}; checkpoint saved. Re-run to resume.")
@@ -248,11 +285,12 @@ def _train(config, workdir, s: Setup, train_iter, checkpointer: Checkpointer, wr
     if preempted:
         return {"preempted": True, "step": step}
     train_seconds = time.perf_counter() - train_start
-    if last_eval and last_eval[0] == num_steps:
+    if last_eval and last_eval[0] == step:
         final = last_eval[1]
     else:  # A finished run saved without its evaluation (older checkpoints): evaluate, logging it only once.
         records = reporting.read_metrics(workdir)
-        logged = any(r["step"] == num_steps and r["split"] in config.eval.splits for r in records)
-        final = evaluate_all(num_steps, log=not logged)
-    return {"preempted": False, "start_step": start_step, "final": final, "memory": memory,
-            "step_times": step_times, "train_seconds": train_seconds, "skipped": skipped}
+        logged = any(r["step"] == step and r["split"] in config.eval.splits for r in records)
+        final = evaluate_all(step, log=not logged)
+    return {"preempted": False, "start_step": start_step, "step": step, "final": final, "memory": memory,
+            "step_times": step_times, "train_seconds": train_seconds, "skipped": skipped,
+            "early_stopped": early.stopped}

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 NONFINITE_MODES = ("stop", "skip")
-# Optional `config.train` keys and their defaults (the CLI accepts overrides of them for every experiment).
-OPTIONAL_TRAIN_KEYS = {"nonfinite": "stop", "time_limit_s": 0.0}
+# Optional `config.train` keys and their defaults (the CLI accepts overrides of them for every experiment);
+# `early_stopping_patience`: see `early_stopping`.
+OPTIONAL_TRAIN_KEYS = {"nonfinite": "stop", "time_limit_s": 0.0, "early_stopping_patience": 0}
 SKIPPED_METRIC = "nonfinite_skipped"  # Per step 0/1 in the compiled step; per logged window, the count.
 CHECKED_METRICS = ("loss", "grad_norm")  # A non-finite gradient shows as a non-finite global norm.
 TIME_LIMIT_ENV = "MMJAX_TIME_LIMIT_S"

@@ -1,15 +1,20 @@
 """A run's workdir: what it holds, whether a config may resume in it, and loading a trained model back from it.
 
-Files: config.json (the resolved config), model_inputs.json (input shapes and dtypes), metrics.jsonl,
-tensorboard/, checkpoints/, results.json, curves.png. A workdir holding checkpoints of another model is refused
-before anything in it is touched.
+Files: config.json (the resolved config the run started with) and config.step_S.json (the config a resumed run
+changed to at step S: the config history), model_inputs.json (input shapes and dtypes), metrics.jsonl,
+tensorboard/, checkpoints/, results.json, curves.png, .lock (`workdir_lock`: one run at a time). A workdir holding
+checkpoints of another model, or of a step beyond `train.num_steps`, is refused before anything in it is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import warnings
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import ml_collections
@@ -17,12 +22,143 @@ import ml_collections
 from mmjax import config as config_lib
 from mmjax import reporting
 from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.preemption import any_process
+from mmjax.train.preflight import RunRefused
 from mmjax.train.setup import Setup, setup
 from mmjax.train.state import TrainState
+from mmjax.train.workdir_lock import WorkdirLock
 
 INPUTS_FILENAME = "model_inputs.json"
 RESULTS_FILENAME = "results.json"
 CHECKPOINTS_DIRNAME = "checkpoints"
+_CONFIG_AT_STEP = re.compile(r"^config\.step_(\d+)\.json$")  # config.step_S.json: the config from step S on.
+
+
+@contextlib.contextmanager
+def locked(workdir: str) -> Iterator[None]:
+    """Holds the workdir's lock (`workdir_lock.WorkdirLock`, taken by process 0) for the body; every process
+    raises `WorkdirBusy` / `RunRefused` when process 0 could not take it, so none of them starts."""
+    lock = WorkdirLock(workdir) if reporting.is_primary() else None
+    refused = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunRefused as error:
+            refused = error
+    if any_process(refused is not None):
+        raise refused or RunRefused(f"workdir {workdir} is in use by another run (process 0 names it)")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def committed_steps(workdir: str) -> list[int]:
+    """The checkpoint steps committed in the workdir (read from disk), ascending."""
+    directory = os.path.join(workdir, CHECKPOINTS_DIRNAME)
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+
+
+def check_saved_step(workdir: str, num_steps: int) -> None:
+    """Refuses a config whose `train.num_steps` is below the workdir's latest checkpoint: resuming would evaluate
+    the saved (later) model and label it with the smaller step count."""
+    steps = committed_steps(workdir)
+    if steps and steps[-1] > num_steps:
+        raise RunRefused(
+            f"workdir {workdir} holds a checkpoint of step {steps[-1]}, beyond train.num_steps={num_steps}: a run "
+            f"cannot be shortened after the fact. To continue it, give train.num_steps >= {steps[-1]}; to train "
+            f"train.num_steps={num_steps} from scratch, use a new --workdir"
+        )
+
+
+# --- Config history ----------------------------------------------------------------------------------------------
+
+
+def config_history(workdir: str) -> list[tuple[int, str]]:
+    """`(step, file name)` of every config the workdir records, oldest first: config.json from step 0, then each
+    config.step_S.json that a resumed run changed to at step S."""
+    if not os.path.isdir(workdir):
+        return []
+    entries = [(int(m.group(1)), n) for n in os.listdir(workdir) if (m := _CONFIG_AT_STEP.match(n))]
+    if os.path.exists(os.path.join(workdir, config_lib.CONFIG_FILENAME)):
+        entries.append((0, config_lib.CONFIG_FILENAME))
+    return sorted(entries)
+
+
+def latest_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config in effect at the end of the workdir's training (the last of its config history)."""
+    history = config_history(workdir)
+    name = history[-1][1] if history else config_lib.CONFIG_FILENAME
+    return config_lib.load(os.path.join(workdir, name))
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value}
+
+
+def config_changes(before: dict, now: dict) -> dict[str, list]:
+    """`{dotted key: [before, now]}` for every leaf that differs (None where a side lacks the key)."""
+    a, b = _flat(config_lib.normalize(before)), _flat(config_lib.normalize(now))
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def describe_config_history(workdir: str) -> list[dict[str, Any]]:
+    """The config history as results.json shows it: `{"step", "file", "changed": {key: [before, now]}}` each."""
+    described, previous = [], None
+    for step, name in config_history(workdir):
+        current = config_lib.load(os.path.join(workdir, name)).to_dict()
+        entry: dict[str, Any] = {"step": step, "file": name}
+        if previous is not None:
+            entry["changed"] = config_changes(previous, current)
+        described.append(entry)
+        previous = current
+    return described
+
+
+def record_config(workdir: str, config: ml_collections.ConfigDict, start_step: int) -> None:
+    """Records the config a run trains with from `start_step` (its restored step; 0 for a fresh start).
+
+    Entries from `start_step` on describe steps that are about to be recomputed (or none) and are replaced; a
+    config that differs from the one in effect at `start_step` is kept as config.step_S.json, never overwriting
+    what trained the earlier steps. A change other than `train.num_steps` (the normal way to extend a run, or to
+    end it sooner; `check_saved_step` refuses one below the saved step) is also reported with a warning naming
+    the keys. Process 0 writes.
+    """
+    if not reporting.is_primary():
+        return
+    history = config_history(workdir)
+    for step, name in history:
+        if step >= start_step and name != config_lib.CONFIG_FILENAME:
+            os.remove(os.path.join(workdir, name))
+    earlier = [name for step, name in history if step < start_step]
+    if not earlier:
+        config_lib.save(config, workdir)
+        return
+    before = config_lib.load(os.path.join(workdir, earlier[-1])).to_dict()
+    changes = config_changes(before, config.to_dict())
+    if not changes:
+        return
+    name = f"config.step_{start_step}.json"
+    _write_text_atomic(os.path.join(workdir, name), config_lib.to_json(config) + "\n")
+    surprising = {k: v for k, v in changes.items() if k != "train.num_steps"}
+    if surprising:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(surprising.items())[:12])
+        more = f" and {len(surprising) - 12} more" if len(surprising) > 12 else ""
+        warnings.warn(
+            f"resuming {workdir} at step {start_step} with a changed config ({shown}{more}); the config that "
+            f"trained the earlier steps is kept in {earlier[-1]}, this one in {name} (results.json lists the "
+            "history)", RuntimeWarning, stacklevel=2,
+        )
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def checkpointer(workdir: str, config: ml_collections.ConfigDict) -> Checkpointer:
@@ -45,7 +181,8 @@ def _differences(before: dict, now: dict, prefix: str) -> list[str]:
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, spec: dict) -> None:
-    """Refuses to resume a workdir whose checkpoints belong to a different model; warns on other changes."""
+    """Refuses to resume a workdir whose checkpoints belong to a different model (other changes are recorded by
+    `record_config` once the run knows the step it resumes from)."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"workdir {workdir} exists and is not a directory; give a directory for --workdir")
     checkpoints = os.path.join(workdir, CHECKPOINTS_DIRNAME)
@@ -76,18 +213,20 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, spec: dict) -
             f"workdir {workdir} holds checkpoints of a different model; nothing was changed there. "
             "Differences:\n  " + "\n  ".join(diffs) + "\nUse a new --workdir to train this model."
         )
-    changed = [k for k in sorted(set(before) | set(now)) if k != "model" and before.get(k) != now.get(k)]
-    if changed:
-        warnings.warn(f"resuming {workdir} with changed config section(s) {changed}", RuntimeWarning, stacklevel=2)
 
 
 def load_trained(workdir: str, step: int | str = "latest") -> tuple[Setup, TrainState]:
     """The setup and train state of a trained workdir (its saved config), for evaluation or analysis.
 
     `step` is "latest", "best" (by the config's `checkpoint.best_metric`) or a step number. The state lands on
-    this machine's mesh (any device count), not necessarily the one it was saved from.
+    this machine's mesh (any device count), not necessarily the one it was saved from. The config is the last of
+    the workdir's config history (`describe_config_history`); when the config changed during training, each
+    change is printed with the step it took effect.
     """
-    config = config_lib.load(os.path.join(workdir, config_lib.CONFIG_FILENAME))
+    for entry in describe_config_history(workdir)[1:]:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in entry["changed"].items())
+        reporting.console(f"{workdir}: config changed at step {entry['step']} ({entry['file']}): {shown}")
+    config = latest_config(workdir)
     # The state is restored onto this machine's mesh, whatever the run was trained on (Orbax reshards to the
     # abstract state's shardings). Only what loading and evaluation need must fit the current device count:
     # an FSDP size that does not divide it falls back to 1 (replicated), and an evaluation batch that does not

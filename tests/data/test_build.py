@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 
 import ml_collections
 import numpy as np
@@ -196,6 +197,69 @@ def test_split_column_and_carved_splits(tmp_path):
     counts = {s: sorted(r for r, v in first.items() if v == s) for s in ("train", "validation", "test")}
     assert [len(counts[s]) for s in ("train", "validation", "test")] == [70, 10, 20]
     assert sorted(sum(1 for r in counts["test"] if r % 4 == c) for c in range(4)) == [5, 5, 5, 5]
+
+
+def _split_of_rows(out):
+    dataset = get_dataset(ml_collections.ConfigDict({"name": "files", "data_dir": out}))
+    return {int(dataset.source(s)[i]["row"]): s for s in dataset.splits for i in range(dataset.splits[s])}
+
+
+def _records_with_duplicates(root):
+    """24 distinct rows, then 4 copies of row 3, a copy of row 6 under other file names (the same bytes), and row 8's
+    files with another label (a different example, not a duplicate)."""
+    shutil.copy(root / "images" / "0005.png", root / "images" / "copy5.png")
+    shutil.copy(root / "audio" / "0005.wav", root / "audio" / "copy5.wav")
+    records = [_good_row(i) for i in range(24)] + [_good_row(2)] * 4
+    records.append(_good_row(5) | {"image": "images/copy5.png", "audio": "audio/copy5.wav"})
+    records.append(_good_row(7) | {"label": "class_0"})
+    return records
+
+
+def test_duplicate_rows_are_reported_and_kept_in_one_split(tmp_path, capsys):
+    """The probe: identical manifest rows used to be carved into different splits (trained and tested on) without a
+    word. Rows 25-28 copy row 3; row 29 is row 6 under other file names."""
+    root, _ = _folder(tmp_path, n=24)
+    manifest = _write_csv(root, _records_with_duplicates(root))
+    out = str(tmp_path / "out")
+    build.main(["--manifest", manifest, "--out", out, "--quiet", "--val-fraction", "0.3", "--test-fraction", "0.3"])
+    printed = capsys.readouterr().out
+    assert ("duplicate rows: 5 copies of 2 examples, kept in the split of their group's first row (--dedup drops "
+            "them): row 25 (line 26) = row 3 (line 4); row 26 (line 27) = row 3 (line 4)") in printed
+    saved = json.loads((tmp_path / "out" / build.REPORT_FILENAME).read_text())["duplicates"]
+    assert saved["copies"] == 5 and saved["examples"] == 2 and saved["action"] == "kept, each group in one split"
+    assert saved["first"][0] == {"row": 25, "line": 26, "same_as_row": 3, "same_as_line": 4}
+    assert saved["first"][-1] == {"row": 29, "line": 30, "same_as_row": 6, "same_as_line": 7}
+    split_of = _split_of_rows(out)
+    assert len(split_of) == 30  # All kept ...
+    assert len({split_of[r] for r in (3, 25, 26, 27, 28)}) == 1 and split_of[29] == split_of[6]  # ... together.
+    # Without duplicates the carving is what it always was (carve_splits over every row).
+    unique = str(tmp_path / "unique")
+    report = build.build(_write_csv(root, [_good_row(i) for i in range(24)]), unique, val_fraction=0.3,
+                         test_fraction=0.3, progress=False)
+    assert report.duplicates.groups == [] and "duplicate rows: none" in report.summary()
+    rows = [build.GoodRow(i + 1, None, (f"class_{i % 3}",), {}, None) for i in range(24)]
+    assert _split_of_rows(unique) == build.carve_splits(rows, 0.3, 0.3, seed=0)
+
+
+def test_dedup_drops_copies_and_a_split_column_copy_moves_to_its_first_rows_split(tmp_path):
+    root, _ = _folder(tmp_path, n=24)
+    records = _records_with_duplicates(root)
+    out = str(tmp_path / "dedup")
+    report = build.build(_write_csv(root, records), out, dedup=True, progress=False)
+    assert report.duplicates.copies == 5 and report.duplicates.dropped
+    assert sorted(_split_of_rows(out)) == [r for r in range(1, 31) if r not in (25, 26, 27, 28, 29)]
+    assert "dropped (--dedup)" in report.summary()
+    splits = ["train"] * 24 + ["train", "test", "validation", "train", "test", "test"]
+    with_splits = [r | {"split": s} for r, s in zip(records, splits)]
+    path = root / "splits.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in with_splits))
+    report = build.build(str(path), str(tmp_path / "column"), progress=False)
+    assert [(c.row, a, b) for c, a, b in report.duplicates.moved] == [
+        (26, "test", "train"), (27, "validation", "train"), (29, "test", "train")]
+    split_of = _split_of_rows(str(tmp_path / "column"))
+    assert {split_of[r] for r in (3, 25, 26, 27, 28, 29)} == {"train"} and split_of[30] == "test"
+    assert "3 copies listed in another split than their first row, moved there: row 26 (line 26) test -> train" \
+        in report.summary()
 
 
 def test_multilabel_text_files_and_the_dataset_tokenizer(tmp_path):
