@@ -106,6 +106,10 @@ class InMemorySplit:
     def __getitem__(self, index: int) -> Batch:
         return {k: v[index] for k, v in self.arrays.items()}
 
+    def take(self, indices: np.ndarray) -> Batch:
+        """The examples at `indices` as one batch: what batching `self[i]` for each index gives, in one gather."""
+        return {k: v[indices] for k, v in self.arrays.items()}
+
 
 def cache_in_memory(dataset: Dataset) -> Dataset:
     """The same dataset with every split preprocessed on first use and served from memory."""
@@ -131,13 +135,20 @@ def train_dataset(
     source = dataset.source(split)
     if len(source) == 0:
         raise ValueError(f"dataset {dataset.name!r} split {split!r} is empty")
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).map(example_fn(dataset))
-    if dataset.augment is not None:  # Seeded by (seed, position in the stream): resumes reproduce it.
-        ds = ds.random_map(dataset.augment)
-    # Global batch k is elements [k*B, (k+1)*B) of the shuffled stream; process p holds the contiguous rows
-    # [p*L, (p+1)*L) of it (L = B / processes), matching its devices' place in the mesh. Only those rows are read.
-    ds = ds.batch(local_batch_size(global_batch_size), drop_remainder=True)
-    ds = ds[jax.process_index() :: jax.process_count()]
+    batch = local_batch_size(global_batch_size)
+    if isinstance(source, InMemorySplit) and dataset.augment is None:
+        # Examples already preprocessed in memory: shuffle and batch their indices (the same order as the general
+        # path below: shuffling permutes positions) and gather each batch in one indexing, instead of handling
+        # every example in Python. The batches are identical; only their assembly is faster.
+        ds = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat(None)
+        ds = ds.batch(batch, drop_remainder=True)[jax.process_index() :: jax.process_count()].map(source.take)
+    else:
+        ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None).map(example_fn(dataset))
+        if dataset.augment is not None:  # Seeded by (seed, position in the stream): resumes reproduce it.
+            ds = ds.random_map(dataset.augment)
+        # Global batch k is elements [k*B, (k+1)*B) of the shuffled stream; process p holds the contiguous rows
+        # [p*L, (p+1)*L) of it (L = B / processes), matching its devices' place in the mesh. Only those are read.
+        ds = ds.batch(batch, drop_remainder=True)[jax.process_index() :: jax.process_count()]
     iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
     if num_workers > 0:
         _absl_flags_parsed()

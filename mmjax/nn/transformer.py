@@ -108,6 +108,56 @@ class _Projection(nn.Module):
         return kernel, bias
 
 
+def _attention_forward(q, k, v, mask):
+    """softmax(q k^T / sqrt(Dh), masked) v for heads-first `[B, H, T, Dh]` operands; also the float32 probabilities."""
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q / jnp.sqrt(q.shape[-1]).astype(q.dtype), k)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v), probs
+
+
+@jax.custom_vjp
+def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Scaled dot-product attention of heads-first `[B, H, T, Dh]` queries, keys and values (mask `[B, 1|H, Tq,
+    Tk]`, True = attend), softmax in float32. Its gradient is written out (the standard attention backward:
+    dV = P^T dO, dS = P * (dO V^T - rowsum(P * dO V^T)), dQ = dS K / sqrt(Dh), dK = dS^T Q / sqrt(Dh)) so that every
+    product stays heads-first: XLA's own derivative of the forward was 13% slower on CPU (ViT-S/16 shapes)."""
+    return _attention_forward(q, k, v, mask)[0]
+
+
+def _attention_fwd(q, k, v, mask):
+    out, probs = _attention_forward(q, k, v, mask)
+    return out, (q, k, v, mask, probs)
+
+
+def _attention_bwd(residuals, d_out):
+    q, k, v, mask, probs = residuals
+    scale = 1.0 / jnp.sqrt(q.shape[-1])
+    d_v = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(v.dtype), d_out)
+    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v).astype(jnp.float32)
+    d_scores = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True))
+    if mask is not None:  # Masked scores are constants (a row with no key to attend to is uniform): no gradient.
+        d_scores = jnp.where(mask, d_scores, 0.0)
+    d_scores = d_scores.astype(q.dtype)
+    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k) * scale.astype(q.dtype)
+    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_scores, q) * scale.astype(q.dtype)
+    return d_q, d_k, d_v, None
+
+
+heads_first_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _attention_with_dropout(q, k, v, mask, keep, rate):
+    """`heads_first_attention` with dropout on the probabilities (`keep`: Bernoulli(1 - rate) draws), by autodiff."""
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q / jnp.sqrt(q.shape[-1]).astype(q.dtype), k)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+    probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention with Flax `MultiHeadDotProductAttention`'s parameters (`query`, `key`, `value`, `out`:
     names, shapes and initial values), computed the way XLA's CPU backend runs fastest ("packed"):
@@ -151,14 +201,13 @@ class MultiHeadAttention(nn.Module):
                 dtype=self.dtype)
             q = self._split_heads(x @ q_kernel + q_bias, 1)[:, :, 0]
             k, v = jnp.moveaxis(self._split_heads(context @ kv_kernel + kv_bias, 2), 2, 0)
-        scores = jnp.einsum("bhqd,bhkd->bhqk", q / jnp.sqrt(head_dim).astype(q.dtype), k)
-        if mask is not None:
-            scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
         if self.dropout_rate > 0 and not deterministic:
-            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate, probs.shape)
-            probs = jnp.where(keep, probs / (1.0 - self.dropout_rate), 0).astype(v.dtype)
-        context_heads = jnp.swapaxes(jnp.einsum("bhqk,bhkd->bhqd", probs, v), 1, 2)  # [B, T, H, Dh]
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate,
+                                        (*q.shape[:3], k.shape[2]))
+            context_heads = _attention_with_dropout(q, k, v, mask, keep, self.dropout_rate)
+        else:
+            context_heads = heads_first_attention(q, k, v, mask)
+        context_heads = jnp.swapaxes(context_heads, 1, 2)  # [B, T, H, Dh]
         out_kernel, out_bias = promote_dtype(out_kernel.reshape(-1, width), out_bias, dtype=v.dtype)
         return context_heads.reshape(*context_heads.shape[:2], -1) @ out_kernel + out_bias
 

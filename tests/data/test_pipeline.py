@@ -61,6 +61,27 @@ def test_train_stream_is_shuffled_per_epoch_and_resumes_exactly():
     assert second_epoch.tolist() != first_epoch.tolist()  # Reshuffled each epoch.
 
 
+def test_in_memory_splits_give_the_batches_of_the_general_path_and_resume_across_them():
+    """A cached split is batched by gathering shuffled indices: the same batches, keys and dtypes as batching
+    example by example, and an iterator state saved by either pipeline restores into the other."""
+    dataset = fake_dataset(37)
+    cached = pipeline.cache_in_memory(dataset)
+    assert isinstance(cached.source("train"), pipeline.InMemorySplit)
+    make = lambda d: iter(pipeline.train_dataset(d, "train", global_batch_size=8, seed=5))  # noqa: E731
+    general, fast = make(dataset), make(cached)
+    for _ in range(12):  # Past the end of the first epoch (37 examples, 4 whole batches per epoch).
+        want, got = next(general), next(fast)
+        assert want.keys() == got.keys()
+        for key in want:
+            assert want[key].dtype == got[key].dtype
+            np.testing.assert_array_equal(got[key], want[key])
+    for saved_by, restored_into in ((general, make(cached)), (fast, make(dataset))):
+        state = saved_by.get_state()
+        expected = next(saved_by)
+        restored_into.set_state(state)
+        np.testing.assert_array_equal(next(restored_into)["x"], expected["x"])
+
+
 def test_check_batch_names_the_problem():
     spec = {"x": ((2,), "float32"), "label": ((), "int32")}
     good = {"x": np.zeros((4, 2), np.float32), "label": np.zeros(4, np.int32)}

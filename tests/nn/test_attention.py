@@ -86,3 +86,26 @@ def test_auto_picks_fused_for_16_bit_gpu_compute_and_packed_otherwise():
     assert resolve_attention("fused", None, 0.0) == "fused" and resolve_attention("flax", "bfloat16", 0.0) == "flax"
     with pytest.raises(ValueError, match="unknown attention_impl 'cudnn'"):
         resolve_attention("cudnn", None, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_the_written_out_attention_gradient_equals_autodiff(dtype, with_mask):
+    """`heads_first_attention`'s hand-written backward against XLA's derivative of the same forward."""
+    from mmjax.nn.transformer import _attention_forward, heads_first_attention
+
+    rng = np.random.default_rng(3)
+    q, k, v, d_out = (jnp.asarray(rng.normal(size=(2, 3, 7, 8)), dtype) for _ in range(4))
+    mask = None
+    if with_mask:
+        keys, queries = np.ones((2, 7), bool), np.ones((2, 7), bool)
+        keys[1, 4:] = False
+        queries[0, 5:] = False  # Rows with no key to attend to: uniform probabilities, no gradient.
+        mask = attention_mask(jnp.asarray(queries), jnp.asarray(keys), 7)
+    written = jax.vjp(lambda q, k, v: heads_first_attention(q, k, v, mask), q, k, v)
+    automatic = jax.vjp(lambda q, k, v: _attention_forward(q, k, v, mask)[0], q, k, v)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == jnp.bfloat16 else dict(atol=1e-6, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(written[0], np.float32), np.asarray(automatic[0], np.float32), **tol)
+    for got, want in zip(written[1](d_out), automatic[1](d_out)):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), **tol)
