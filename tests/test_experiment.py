@@ -103,7 +103,8 @@ def test_main_prints_the_resolved_config(capsys):
 
 
 def test_the_launch_layer_and_every_experiment_import_without_jax():
-    """The command line re-executes itself before JAX starts (runtime.reexec_with_hugepages): none of this may load it."""
+    """The command line re-executes itself before JAX starts (runtime.reexec_with_hugepages): none of this may
+    load it."""
     script = ("import importlib, sys\n"
               "import mmjax.cli, mmjax.compare, mmjax.config, mmjax.experiment, mmjax.sweep.command\n"
               "for name in mmjax.experiment.names():\n"

@@ -112,7 +112,7 @@ def measure_input(config: ml_collections.ConfigDict, *, batches: int, warmup: in
 def measure_step(config: ml_collections.ConfigDict, *, steps: int) -> dict[str, Any]:
     """Examples/s of the jitted train step alone (one batch on the devices, compiled first)."""
     s = setup(config)
-    state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
+    state = s.initial_state()
     host = next(iter(pipeline.train_dataset(s.dataset, config.data.train_split,
                                             global_batch_size=config.data.batch_size, seed=config.seed)))
     batch = pipeline.to_global({k: host[k] for k in s.keys}, s.batch_sharding)

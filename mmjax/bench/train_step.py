@@ -110,7 +110,7 @@ def benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int
         raise ValueError(f"--steps {steps} and --warmup {warmup} must both be >= 1")
     counter = _CompileCounter()
     s = setup(config)
-    state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
+    state = s.initial_state()
     batches = iter(pipeline.train_dataset(
         s.dataset, config.data.train_split, global_batch_size=config.data.batch_size, seed=config.seed,
         num_threads=config.data.num_threads, num_workers=config.data.num_workers,

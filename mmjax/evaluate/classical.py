@@ -14,12 +14,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
-from sklearn.base import ClassifierMixin
-from sklearn.calibration import CalibratedClassifierCV
-from sklearn.ensemble import RandomForestClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC
 
 from mmjax.evaluate.evaluator import EVALUATORS, EvalContext, Evaluator
 from mmjax.evaluate.features import extract_features
@@ -28,9 +22,17 @@ from mmjax.metrics.classification import classification_metrics
 CLASSIFIERS = ("svm", "random_forest")
 
 
-def make_classifier(kind: str, seed: int) -> ClassifierMixin:
-    """A fresh, seeded classifier of `kind`: 'svm' (standardised features, RBF SVC with sigmoid-calibrated
-    probabilities) or 'random_forest' (200 trees)."""
+def make_classifier(kind: str, seed: int) -> Any:
+    """A fresh, seeded scikit-learn classifier of `kind`: 'svm' (standardised features, RBF SVC with
+    sigmoid-calibrated probabilities) or 'random_forest' (200 trees)."""
+    # Imported here: scikit-learn's estimators take 2.4 s to import, and every training run imports this module
+    # (the evaluator registry) while most never fit a classifier.
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
     if kind == "svm":
         # Platt-scaled probabilities from 5-fold cross-validation, then an SVC refitted on all the data: what
         # SVC(probability=True) computes, in the form scikit-learn recommends now that it deprecates that flag (1.9).

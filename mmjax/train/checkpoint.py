@@ -43,6 +43,7 @@ from orbax.checkpoint import checkpoint_managers
 
 from mmjax import reporting
 from mmjax.registry import closest, invalid_choice
+from mmjax.train.compilation import OneShot
 
 CORRUPT_DIRNAME = "corrupt"
 META_ITEM = "meta"  # JSON item saved with every step: {"format", "step", "fingerprint", "loop"}.
@@ -138,7 +139,7 @@ def _fingerprint_fn(out_sharding):
     def checksums(leaves):
         return jnp.stack([_leaf_checksums(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
 
-    return jax.jit(checksums, out_shardings=out_sharding)
+    return OneShot(checksums, out_shardings=out_sharding)  # Integer sums: exact whatever the optimisation.
 
 
 def state_fingerprint(state: Any) -> dict[str, list[int]]:

@@ -30,6 +30,7 @@ from mmjax.registry import closest
 from mmjax.tasks import Task, build_task, task_class, task_name
 from mmjax.train import optimizer, parallel
 from mmjax.train.checkpoint import check_best_metric
+from mmjax.train.compilation import OneShot
 from mmjax.train.state import TrainState
 from mmjax.train.step import check_frozen, check_frozen_patterns, init_state, split_params, train_step
 
@@ -182,7 +183,7 @@ class Setup:
     def initial_state(self) -> TrainState:
         """A fresh state, created already sharded, with `train.init_from` subtrees replaced by pretrained weights
         (shapes must match exactly; the optimizer state is then re-initialised from them)."""
-        state = jax.jit(self.init_fn, out_shardings=self.state_sharding)(jax.random.PRNGKey(self.config.seed))
+        state = OneShot(self.init_fn, out_shardings=self.state_sharding)(jax.random.PRNGKey(self.config.seed))
         init_from = self.config.train.get("init_from")
         if not init_from:
             return state

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from mmjax import runtime
 from mmjax.train import parallel
 from mmjax.train.checkpoint import Checkpointer
 from mmjax.train.step import init_state
@@ -123,7 +124,7 @@ def test_fsdp_checkpoint_restores_onto_one_device(fsdp_checkpoint):
 def test_fsdp_checkpoint_restores_in_a_one_device_process(fsdp_checkpoint, tmp_path):
     directory, expected = fsdp_checkpoint
     output = str(tmp_path / "restored.npz")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=runtime.xla_flags("--xla_force_host_platform_device_count=1"), JAX_PLATFORMS="cpu")
     code = "import sys; from tests.train.test_checkpoint import restore_main; restore_main(*sys.argv[1:])"
     proc = subprocess.run([sys.executable, "-c", code, directory, output], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)

@@ -27,6 +27,7 @@ from flax import traverse_util
 
 from experiments import av_digits
 from mmjax import config as config_lib
+from mmjax import runtime
 from mmjax.data import pipeline
 from mmjax.train import setup as setup_lib
 from tests.conftest import REPO_ROOT, tiny_overrides
@@ -50,7 +51,7 @@ def prepare(data_dir):
     first NUM_STEPS global batches."""
     config = tiny_config(data_dir)
     s = setup_lib.setup(config)
-    state = jax.jit(s.init_fn, out_shardings=s.state_sharding)(jax.random.PRNGKey(config.seed))
+    state = s.initial_state()
     stream = iter(pipeline.train_dataset(s.dataset, config.data.train_split, global_batch_size=config.data.batch_size,
                                          seed=config.seed, num_threads=1))
     batches = [pipeline.to_global({k: b[k] for k in s.keys}, s.batch_sharding)
@@ -82,7 +83,8 @@ def trace_training(data_dir, path=None):
 
 def trace_in_subprocess(data_dir, path, devices):
     """`trace_training` in a fresh process with `devices` CPU devices (set before JAX starts)."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    flags = runtime.xla_flags(f"--xla_force_host_platform_device_count={devices}")  # JAX starts before mmjax.
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     code = (f"import jax; assert jax.device_count() == {devices}, jax.device_count()\n"  # Before conftest asks for 8.
             "from tests.train.test_determinism import trace_training\n"
             f"trace_training({data_dir!r}, {str(path)!r})")

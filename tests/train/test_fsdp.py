@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from experiments import av_digits
 from mmjax import config as config_lib
+from mmjax import runtime
 from mmjax.train import parallel
 from mmjax.train import setup as setup_lib
 from mmjax.train import workdir as workdir_lib
@@ -176,7 +177,7 @@ def test_load_trained_on_another_device_count(av_digits_dir, tmp_path):
     for path, leaf in jax.tree_util.tree_leaves_with_path(restored):
         np.testing.assert_array_equal(np.asarray(leaf), expected[jax.tree_util.keystr(path)])
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=runtime.xla_flags("--xla_force_host_platform_device_count=3"), JAX_PLATFORMS="cpu")
     output = str(tmp_path / "restored.npz")
     proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, workdir, output], env=env, cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from mmjax import config as config_lib
+from mmjax import runtime
 from mmjax.train import loop, preemption
 from tests.conftest import REPO_ROOT, tiny_overrides
 from tests.train.test_loop import tiny_config
@@ -26,7 +27,7 @@ def experiment_command(workdir, data_dir, *extra_args, **overrides):
 
 def cpu_env(devices):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = runtime.xla_flags(f"--xla_force_host_platform_device_count={devices}")
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

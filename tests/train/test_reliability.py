@@ -26,7 +26,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments import av_digits
-from mmjax import cli
+from mmjax import cli, runtime
 from mmjax import config as config_lib
 from mmjax.train import checkpoint, kill_harness, loop, parallel, preemption, reliability
 from mmjax.train import setup as setup_lib
@@ -52,7 +52,8 @@ def experiment_command(workdir, data_dir, *args, **overrides):
 
 
 def cpu_env(devices):
-    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    flags = runtime.xla_flags(f"--xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
 
 
 def raw_state(workdir, step):
