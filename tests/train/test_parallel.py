@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from mmjax import config as config_lib
-from mmjax import runtime
 from mmjax.train import loop, parallel, preemption
-from tests.conftest import REPO_ROOT, tiny_overrides
+from tests.conftest import REPO_ROOT, cpu_env, tiny_overrides
 from tests.train.test_loop import tiny_config
 
 
@@ -23,13 +22,6 @@ def experiment_command(workdir, data_dir, *extra_args, **overrides):
     overrides.setdefault("variants", "early")
     args = [f"--config.{o}" for o in tiny_overrides(data_dir, **overrides)]
     return [sys.executable, "-m", "experiments.av_digits", "--workdir", workdir, *args, *extra_args]
-
-
-def cpu_env(devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = runtime.xla_flags(f"--xla_force_host_platform_device_count={devices}")
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
 def records(workdir, split):
