@@ -32,6 +32,8 @@ setup(
         "espeakng-loader>=0.2.4,<0.3",
         "tokenizers>=0.21,<0.24",
         "safetensors>=0.5,<0.9",
+        "optuna>=5.1,<6",  # Parallel sweeps (mmjax.sweep.study) on a SQLite / SQLAlchemy study; 5.1.0 tested.
+        "submitit>=1.5,<2",  # SLURM jobs with requeue on pre-emption (mmjax.launch); 1.5.4 tested.
     ],
     extras_require={
         # -n auto: one worker per core; lint-imports checks the layers (.importlinter), ruff the style (ruff.toml).

@@ -48,3 +48,11 @@ def tiny_overrides(data_dir: str, **extra) -> list[str]:
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def cpu_env(devices: int) -> dict:
+    """The environment of a subprocess run on `devices` simulated CPU devices, with mmjax's XLA flags."""
+    from mmjax import runtime
+
+    flags = runtime.xla_flags(f"--xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
