@@ -386,7 +386,7 @@ AV_DIGITS_TARGETS = {"digit": "classification", "value": "regression", "digit_pa
 AUDIO_FEATURES = ("log_mel", "mfcc")  # config data.audio.features
 # data.imbalance: the shortcut tone's level below the clip's RMS (dB) and the share of training clips that carry it,
 # and the extra white noise of held-out clips (SNR range in dB against the clip's RMS).
-IMBALANCE_DEFAULTS = {"cue_db": 20.0, "cue_fraction": 1.0, "eval_snr_db": (-6.0, 0.0)}
+IMBALANCE_DEFAULTS = {"cue_db": 10.0, "cue_fraction": 1.0, "eval_snr_db": (-6.0, 0.0)}
 _STREAM_IMBALANCE = 7
 
 
