@@ -63,7 +63,15 @@ METHODS: dict[str, dict[str, Any]] = {
     "late_mean": {"fusion": {"name": "late", "combine": "mean"}},
     "late_learned": {"fusion": {"name": "late", "combine": "learned"}},
     "late_product": {"fusion": {"name": "late", "combine": "product"}},
+    # Modality-imbalance remedies on early fusion (README "Modality imbalance"): unimodal auxiliary heads with equal
+    # weights, with the Gradient-Blending weights measured on this seed's image_only, audio_only and concat runs
+    # (Wang et al. 2020), OGM-GE gradient modulation (Peng et al. 2022), and modality dropout.
+    "concat_aux": {"fusion": {"name": "concat"}, "aux_heads": {"audio": 1.0, "image": 1.0}},
+    "concat_gblend": {"fusion": {"name": "concat"}, "gblend": True},
+    "concat_ogm_ge": {"fusion": {"name": "concat"}, "modulation": {"name": "ogm_ge", "alpha": 0.5}},
+    "concat_modality_dropout": {"fusion": {"name": "concat"}, "modality_dropout": 0.3},
 }
+GBLEND_FROM = {"fused": "concat", "audio": "audio_only", "image": "image_only"}  # G-Blend head -> measured method.
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -81,8 +89,10 @@ def get_config() -> ml_collections.ConfigDict:
     return config
 
 
-def method_config(config: ml_collections.ConfigDict, method: str, seed: int) -> ml_collections.ConfigDict:
-    """The AV-Digits training config of one (method, seed)."""
+def method_config(config: ml_collections.ConfigDict, method: str, seed: int,
+                  weights: dict[str, float] | None = None) -> ml_collections.ConfigDict:
+    """The AV-Digits training config of one (method, seed); a Gradient-Blending method takes its head `weights`
+    ({"fused": w, modality: w, ...}, measured by `gblend_weights`; equal when not given, for config checks)."""
     if method not in METHODS:
         raise ValueError(f"config methods: unknown method {method!r}; valid: {', '.join(METHODS)}")
     change = METHODS[method]
@@ -91,7 +101,42 @@ def method_config(config: ml_collections.ConfigDict, method: str, seed: int) -> 
         del run[key]
     run.name = f"{config.name}/{method}/seed_{seed}"
     run.seed = seed
-    return compare.unimodal(change["only"])(run) if "only" in change else compare.fusion(**change["fusion"])(run)
+    if "only" in change:
+        return compare.unimodal(change["only"])(run)
+    run = compare.fusion(**change["fusion"])(run)
+    if "aux_heads" in change:
+        run.model.aux_heads = dict(change["aux_heads"])
+    if change.get("gblend"):
+        weights = weights or {m: 1.0 / len(GBLEND_FROM) for m in GBLEND_FROM}
+        run.model.aux_heads = {m: weights[m] for m in GBLEND_FROM if m != "fused"}
+        run.model.fused_weight = weights["fused"]
+    if "modulation" in change:
+        run.train.modulation = dict(change["modulation"])
+    if "modality_dropout" in change:
+        run.model.modality_dropout = change["modality_dropout"]
+    return run
+
+
+def gblend_weights(workdirs: dict[str, str]) -> dict[str, float]:
+    """Offline Gradient-Blending weights (`mmjax.tasks.multitask.gradient_blending_weights`) of the fused head and
+    each modality's head, measured on the trained runs in `workdirs` ({"fused": concat run, "audio": audio_only run,
+    ...}): the training loss (the last logged window mean at or before the evaluation) and the validation loss at
+    the first and the last evaluation of each run."""
+    from mmjax import reporting
+    from mmjax.tasks.multitask import gradient_blending_weights
+
+    train, val = {}, {}
+    for head, workdir in workdirs.items():
+        records = reporting.read_metrics(workdir)
+        evals = [r for r in records if r["split"] == "validation" and "loss" in r]
+        steps = (evals[0]["step"], evals[-1]["step"])
+        logged = sorted((r["step"], r["loss"]) for r in records if r["split"] == "train" and "loss" in r)
+        if len(evals) < 2 or not logged or logged[0][0] > steps[0]:
+            raise ValueError(f"Gradient-Blending weights: run {workdir} needs a training loss logged by its first "
+                             "evaluation and two evaluations")
+        train[head] = [[loss for step, loss in logged if step <= s][-1] for s in steps]
+        val[head] = [next(r["loss"] for r in evals if r["step"] == s) for s in steps]
+    return gradient_blending_weights(train, val)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -112,8 +157,16 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
     if not config.methods or not config.seeds:
         raise ValueError("config methods and seeds must both be non-empty")
-    for method in config.methods:  # Fail on a typo before training anything.
+    for index, method in enumerate(config.methods):  # Fail on a typo before training anything.
         method_config(config, method, config.seeds[0])
+        needed = [m for m in GBLEND_FROM.values() if m not in config.methods[:index]]
+        if METHODS[method].get("gblend") and needed:
+            raise ValueError(f"config methods: {method!r} measures its Gradient-Blending weights on the runs of "
+                             f"{sorted(GBLEND_FROM.values())}; list {needed} before it")
+        if METHODS[method].get("gblend") and config.train.num_steps <= config.train.eval_every_steps:
+            raise ValueError(f"config methods: {method!r} measures each head's losses between the first and the last "
+                             f"evaluation; train.num_steps={config.train.num_steps} with train.eval_every_steps="
+                             f"{config.train.eval_every_steps} evaluates once")
     split = config.robustness.split
     per_method: dict[str, dict] = {}
     curves: dict[str, dict] = {}
@@ -122,7 +175,12 @@ def run(config: ml_collections.ConfigDict, workdir: str):
         runs = []
         for seed in config.seeds:
             run_dir = os.path.join(workdir, method, f"seed_{seed}")
-            result = loop.run(method_config(config, method, seed), run_dir)
+            weights = None
+            if METHODS[method].get("gblend"):
+                weights = gblend_weights({h: os.path.join(workdir, m, f"seed_{seed}") for h, m in GBLEND_FROM.items()})
+                reporting.console(f"{method} seed {seed}: Gradient-Blending weights "
+                                  + ", ".join(f"{h} {w:.3f}" for h, w in weights.items()))
+            result = loop.run(method_config(config, method, seed, weights), run_dir)
             if result.get("preempted"):
                 return result
             setup, state = load_trained(run_dir)
@@ -130,7 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
             curve = evaluator(setup, state, split, None)["robustness"]
             if "only" in METHODS[method]:
                 unimodal.setdefault(seed, {})[METHODS[method]["only"]] = run_dir
-            runs.append({"result": result, "robustness": curve})
+            runs.append({"result": result, "robustness": curve, "gblend_weights": weights})
         per_method[method] = runs
         curves[method] = _average_curves([r["robustness"] for r in runs])
         reporting.console(f"--- {method}: test accuracy {_format(*_accuracies(runs, 'accuracy'))}")
@@ -140,7 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     _write_outputs(workdir, rows, curves, per_method, classical_results, config)
     table = results_table(rows)
     reporting.console("\n" + table + "\n\n" + robustness.robustness_table(curves))
-    return {"rows": rows, "table": table}
+    return {"rows": rows, "table": table, "runs": per_method}
 
 
 def _accuracies(runs: list[dict], metric: str) -> tuple[float, float]:
@@ -208,6 +266,7 @@ def _rows(per_method: dict, curves: dict, classical_results: dict) -> list[dict]
         rows.append({
             "method": method,
             "kind": "unimodal" if "only" in METHODS[method] else
+                    "remedy" if set(METHODS[method]) != {"fusion"} else
                     "decision" if METHODS[method]["fusion"]["name"] == "late" else
                     "serial" if METHODS[method]["fusion"]["name"] in ("serial", "film") else "feature",
             "accuracy": _accuracies(runs, "accuracy"),

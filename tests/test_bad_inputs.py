@@ -541,3 +541,30 @@ def test_workdir_that_is_a_file(tmp_path):
     path.write_text("not a directory")
     with raises(ValueError, f"workdir {path} exists and is not a directory"):
         workdir_lib.check_workdir(str(path), tiny_config(), INPUT_SPEC)
+
+
+@pytest.mark.parametrize(
+    "changes, fragments",
+    [
+        ({"tasks": {"a": {"name": "classification", "label": "colour", "num_classes": 10}}},
+         ["config tasks.a.label='colour': dataset 'av_digits' has no such key"]),
+        ({"tasks": {"a": {"name": "classification", "weight": -0.5}}}, ["tasks.<name>.weight.a=-0.5 is negative"]),
+        ({"tasks": {"a": {"name": "classification", "weight": 0}, "b": {"name": "regression", "weight": 0.0}}},
+         ["are all zero: nothing would be trained"]),
+        ({"data.sources": {"x": {"target": "digit"}, "y": {"target": "value"}},
+          "data.mixture": {"x": 1.0, "z": 1.0}},
+         ["config data.mixture has a weight for 'z', which is not a source of data.sources: ['x', 'y']"]),
+        ({"model.aux_heads": {"video": 0.5}},
+         ["config model.aux_heads names 'video', which is not one of ['audio', 'image']"]),
+        ({"model.aux_heads": {"audio": -1.0}}, ["model.aux_heads.audio=-1.0 is negative"]),
+        ({"train.modulation": {"name": "ogm_ge", "alpha": -1}},
+         ["config train.modulation.alpha=-1 must be a number > 0"]),
+    ],
+    ids=case_id,
+)
+def test_bad_multitask_mixture_and_remedy_configs_fail_before_compiling(av_digits_dir, changes, fragments):
+    config = tiny_config(av_digits_dir, **{"checkpoint.best_metric": "validation/loss", "checkpoint.best_mode": "min"})
+    for key, value in changes.items():
+        _set(config, key, ml_collections.ConfigDict(value) if isinstance(value, dict) else value)
+    with raises(ValueError, *fragments):
+        setup_lib.setup(config)

@@ -171,6 +171,39 @@ def _check_classic_baselines(workdir, stdout):
     assert "| dataset | model (test) | accuracy | macro_f1 | roc_auc |" in table
 
 
+def _check_av_digits_multitask(workdir, stdout):
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert set(summary) == {"digit", "uncertainty"}
+    alone, together = (summary[v][0]["test"] for v in ("digit", "uncertainty"))
+    assert "accuracy" in alone and "value/mae" not in alone
+    # Every head reports its own metrics over the examples with its label.
+    assert 0 <= together["digit/accuracy"] <= 1 and together["value/mae"] > 0 and 0 <= together["digit_pair/mAP"] <= 1
+    assert together["digit/num_examples"] == together["value/num_examples"] == together["digit_pair/num_examples"]
+    assert "| model (test) | digit accuracy | value mae |" in stdout
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "uncertainty", "seed_0", "metrics.jsonl"))]
+    train = [r for r in lines if r.get("split") == "train"]
+    assert train and all(f"weight/{t}" in train[-1] for t in ("digit", "value", "digit_pair"))
+
+
+# Two runs keep CI short: the image-only baseline and OGM-GE on early fusion (diagnostics, gap, modulation in the
+# real loop). Gradient-Blending's weights from the runs' metrics are tested below on written metrics files.
+IMBALANCE_METHODS = ("image_only", "concat_ogm_ge")
+
+
+def _check_av_digits_imbalance(workdir, stdout):
+    rows = json.load(open(os.path.join(workdir, "imbalance.json")))["rows"]
+    assert [r["method"] for r in rows] == list(IMBALANCE_METHODS)
+    by_method = {r["method"]: r for r in rows}
+    fused = by_method["concat_ogm_ge"]  # The diagnostics of the fused model, its gap to the image-only model.
+    assert 0 <= fused["only_image_accuracy"][0] <= 1 and 0 <= fused["logit_variance_share_audio"][0] <= 1
+    assert fused["gap"][0] == fused["accuracy"][0] - by_method["image_only"]["accuracy"][0]
+    assert by_method["image_only"]["only_image_accuracy"] is None
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "concat_ogm_ge", "seed_0", "metrics.jsonl"))]
+    train = [r for r in lines if r.get("split") == "train"]
+    assert all(0 < r["ogm/coef_audio"] <= 1 and 0 < r["ogm/coef_image"] <= 1 for r in train)
+    assert "| method (test) | accuracy | minus best single modality |" in stdout
+
+
 # Per experiment: the overrides that make it tiny and a check of its outputs. A new experiment without an entry
 # fails the first test.
 TINY = {
@@ -184,6 +217,16 @@ TINY = {
                                        "classical.classifiers": "svm", "checkpoint.keep": 1,
                                        "methods": ",".join(TINY_METHODS)}),
         _check_fusion_benchmark,
+    ),
+    "av_digits_multitask": (
+        lambda d: tiny_overrides(d, **{"train.num_steps": 3, "train.eval_every_steps": 3, "seeds": "0",
+                                       "variants": "digit,uncertainty"}),
+        _check_av_digits_multitask,
+    ),
+    "av_digits_imbalance": (
+        lambda d: tiny_overrides(d, **{"train.num_steps": 3, "train.eval_every_steps": 3, "seeds": "0",
+                                       "checkpoint.keep": 1, "methods": ",".join(IMBALANCE_METHODS)}),
+        _check_av_digits_imbalance,
     ),
     "text_intents": (_tiny_text_intents, _check_text_intents),
     "classic_baselines": (_tiny_classic_baselines, _check_classic_baselines),
@@ -237,3 +280,25 @@ def test_experiment_help_and_bad_override(tmp_path):
     command = [sys.executable, "-m", "experiments.av_digits", "--workdir", str(tmp_path), "--config.optimizer.lr=x"]
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "config key 'optimizer.lr' expects float" in result.stderr
+
+
+def test_gradient_blending_weights_are_read_from_the_runs_metrics(tmp_path):
+    from experiments import fusion_benchmark
+
+    # (train loss, validation loss) at the evaluations of steps 10 and 20; the train loss is logged every 5 steps.
+    losses = {"fused": ((2.0, 2.1), (0.5, 1.1)), "audio": ((2.2, 2.2), (1.0, 1.6)), "image": ((2.3, 2.3), (1.4, 1.5))}
+    dirs = {}
+    for head, ((t0, v0), (t1, v1)) in losses.items():
+        dirs[head] = str(tmp_path / head)
+        os.makedirs(dirs[head])
+        with open(os.path.join(dirs[head], "metrics.jsonl"), "w") as f:
+            for record in ({"step": 5, "split": "train", "loss": 9.0}, {"step": 10, "split": "train", "loss": t0},
+                           {"step": 10, "split": "validation", "loss": v0}, {"step": 15, "split": "train", "loss": 9.0},
+                           {"step": 20, "split": "train", "loss": t1}, {"step": 20, "split": "validation", "loss": v1}):
+                f.write(json.dumps(record) + "\n")
+    raw = {}
+    for head, ((t0, v0), (t1, v1)) in losses.items():
+        raw[head] = (v0 - v1) / max(abs((v1 - t1) - (v0 - t0)), 1e-3) ** 2
+    weights = fusion_benchmark.gblend_weights(dirs)
+    for head in losses:
+        assert abs(weights[head] - raw[head] / sum(raw.values())) < 1e-9

@@ -44,7 +44,7 @@ def test_importing_the_facades_registers_every_part():
         "deltas", "cmvn",
     ])
     assert tasks == ["classification", "clip", "itm", "multilabel", "regression", "siglip"]
-    assert evaluators == ["classical", "robustness", "split_metrics", "zero_shot"]
+    assert evaluators == ["classical", "modality_diagnostics", "robustness", "split_metrics", "zero_shot"]
     assert {"small_cnn", "vit", "resnet18", "text_transformer", "minilm_l6", "spectrogram_cnn", "ast",
             "tabular_mlp", "vgg", "rnn"} <= set(encoders)
     assert len(fusions) == 16 and {"concat", "late", "bottleneck", "serial", "film"} <= set(fusions)

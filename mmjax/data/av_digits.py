@@ -59,7 +59,16 @@ Reading needs no TensorFlow::
     example = train[0]   # dict of numpy arrays / Python scalars / bytes
 
 The ``av_digits`` entry of the dataset registry (``config.data.name = "av_digits"``, :func:`dataset`) builds it on
-first use and preprocesses examples with :class:`AvDigitsPreprocess` (``data.target`` picks the label).
+first use and preprocesses examples with :class:`AvDigitsPreprocess` (``data.target`` picks the label; several
+comma-separated targets, e.g. ``"digit,value"``, give each its own batch key for multi-task models).
+
+**Imbalanced variant** (``data.imbalance``, :class:`ImbalancedSource`; the same built files, changed when read):
+the training split's audio carries a shortcut and the held-out speakers' audio is noisier. Each training clip (a
+``cue_fraction`` of them) gets a faint pure tone whose frequency names its digit (400 + 300 d Hz, ``cue_db``
+below the clip's RMS), so audio is the easiest modality to fit in training; validation and test clips (unseen
+speakers) get no tone and extra white noise at an SNR drawn from ``eval_snr_db``, so audio generalises worst. This
+is the failure a fusion model must survive: fit on the modality that is easy in training, it loses to its own
+image-only model at test (README "Modality imbalance"). Deterministic: every draw is seeded by the image index.
 """
 
 from __future__ import annotations
@@ -95,6 +104,8 @@ __all__ = [
     "AvDigits",
     "AvDigitsPreprocess",
     "CLIP_SAMPLES",
+    "IMBALANCE_DEFAULTS",
+    "ImbalancedSource",
     "DIGIT_NAMES",
     "HOP_LENGTH",
     "N_FFT",
@@ -373,6 +384,76 @@ def build(data_dir: str) -> tfds.core.DatasetBuilder:
 
 AV_DIGITS_TARGETS = {"digit": "classification", "value": "regression", "digit_pair": "multilabel"}
 AUDIO_FEATURES = ("log_mel", "mfcc")  # config data.audio.features
+# data.imbalance: the shortcut tone's level below the clip's RMS (dB) and the share of training clips that carry it,
+# and the extra white noise of held-out clips (SNR range in dB against the clip's RMS).
+IMBALANCE_DEFAULTS = {"cue_db": 10.0, "cue_fraction": 1.0, "eval_snr_db": (-6.0, 0.0)}
+_STREAM_IMBALANCE = 7
+
+
+def parse_targets(target: Any) -> tuple[str, ...]:
+    """`data.target` as a tuple of target names: one name, several comma-separated, or a tuple/list (of one or
+    more: each is then also returned under its own key)."""
+    names = target.split(",") if isinstance(target, str) else target
+    if not isinstance(names, (tuple, list)) or not names:
+        raise ValueError(f"config data.target={target!r}; valid: {', '.join(AV_DIGITS_TARGETS)} (or several, "
+                         "comma-separated)")
+    names = tuple(str(n).strip() for n in names)
+    for name in names:
+        if name not in AV_DIGITS_TARGETS:
+            raise ValueError(f"config data.target={target!r}; valid: {', '.join(AV_DIGITS_TARGETS)} (or several, "
+                             f"comma-separated); {name!r} is none of them")
+    if len(set(names)) != len(names):
+        raise ValueError(f"config data.target={target!r} names a target twice")
+    return names
+
+
+def imbalance_settings(value: Any) -> dict | None:
+    """`data.imbalance` checked, with defaults (None: off)."""
+    if not value:
+        return None
+    if not isinstance(value, (Mapping, ml_collections.ConfigDict)):
+        raise ValueError(f"config data.imbalance={value!r} must be a dict of {sorted(IMBALANCE_DEFAULTS)} (or {{}})")
+    unknown = sorted(set(value) - set(IMBALANCE_DEFAULTS))
+    if unknown:
+        raise ValueError(f"config data.imbalance: unknown key(s) {unknown}; valid: {sorted(IMBALANCE_DEFAULTS)}")
+    settings = {**IMBALANCE_DEFAULTS, **dict(value)}
+    if not isinstance(settings["cue_db"], (int, float)) or isinstance(settings["cue_db"], bool):
+        raise ValueError(f"config data.imbalance.cue_db={settings['cue_db']!r} must be a number (dB)")
+    if not isinstance(settings["cue_fraction"], (int, float)) or not 0.0 <= settings["cue_fraction"] <= 1.0:
+        raise ValueError(f"config data.imbalance.cue_fraction={settings['cue_fraction']!r} must be in [0, 1]")
+    snr = settings["eval_snr_db"]
+    if not isinstance(snr, (tuple, list)) or len(snr) != 2 or not snr[0] <= snr[1]:
+        raise ValueError(f"config data.imbalance.eval_snr_db={snr!r} must be (low, high) in dB with low <= high")
+    settings["eval_snr_db"] = (float(snr[0]), float(snr[1]))
+    return settings
+
+
+class ImbalancedSource:
+    """A split of AV-Digits with the imbalance of the module docstring: a digit tone on training clips, extra noise
+    on held-out ones. Random access, deterministic per example (seeded by its image index), picklable."""
+
+    def __init__(self, source, split: str, settings: Mapping[str, Any]):
+        self.source, self.split, self.settings = source, split, dict(settings)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        example = dict(self.source[int(index)])
+        clip = np.asarray(example["audio"], np.float64)
+        rng = np.random.default_rng((SEED, _STREAM_IMBALANCE, int(example["image_index"])))
+        rms = max(float(np.sqrt(np.mean(clip**2))), 1.0)
+        if self.split == "train":
+            if rng.uniform() < self.settings["cue_fraction"]:
+                frequency = 400.0 + 300.0 * int(example["label"])
+                t = np.arange(CLIP_SAMPLES) / SAMPLE_RATE
+                amplitude = rms * np.sqrt(2.0) * 10.0 ** (-self.settings["cue_db"] / 20.0)
+                clip = clip + amplitude * np.sin(2 * np.pi * frequency * t + rng.uniform(0, 2 * np.pi))
+        else:
+            snr_db = rng.uniform(*self.settings["eval_snr_db"])
+            clip = clip + rng.standard_normal(clip.shape) * rms * 10.0 ** (-snr_db / 20.0)
+        example["audio"] = np.clip(np.rint(clip), -32768, 32767).astype(np.int16)
+        return example
 
 
 class PairedSource:
@@ -404,7 +485,9 @@ class AvDigitsPreprocess:
     `mmjax.data.audio_features`).
 
     `target`: "digit" (class id), "value" (the digit as a float, for regression), "digit_pair" (multi-hot of the
-    image's digit and the partner utterance's digit, see `PairedSource`).
+    image's digit and the partner utterance's digit, see `PairedSource`); it is the example's `label`. With
+    `targets` (several), each target is also returned under its own name (the image's digit for "digit" and
+    "value"), for a multi-task model's heads.
     """
 
     sample_rate: int
@@ -412,6 +495,7 @@ class AvDigitsPreprocess:
     hop_length: int
     n_mels: int
     target: str = "digit"
+    targets: tuple[str, ...] = ()  # Several targets: each also under its own key ("digit", "value", "digit_pair").
     features: str = "log_mel"
     n_mfcc: int = 13
     deltas: int = 0
@@ -426,14 +510,20 @@ class AvDigitsPreprocess:
         audio = standardize(mel)
         if self.features == "mfcc":
             audio = cmvn(add_deltas(cepstrum(mel, self.n_mfcc, self.lifter), self.deltas))
-        if self.target == "value":
-            label = np.float32(example["label"])
-        elif self.target == "digit_pair":
+        out = {"image": image, "audio": audio, "label": self._label(example, self.target)}
+        for target in self.targets:
+            out[target] = self._label(example, target)
+        return out
+
+    @staticmethod
+    def _label(example: Mapping[str, Any], target: str) -> np.ndarray:
+        if target == "value":
+            return np.float32(example["label"])
+        if target == "digit_pair":
             label = np.zeros(10, np.float32)
             label[[int(example["label"]), int(example["audio_label"])]] = 1.0
-        else:
-            label = np.int32(example["label"])
-        return {"image": image, "audio": audio, "label": label}
+            return label
+        return np.int32(example["label"])
 
 
 @DATASETS.register("av_digits")
@@ -441,11 +531,16 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     """AV-Digits: scikit-learn's handwritten digits paired with eSpeak NG spoken digits (module docstring).
 
     `data.target` picks the label: "digit" (default, 10 classes), "value" (regression) or "digit_pair"
-    (multi-label over 10 digits, each image paired with another example's speech).
+    (multi-label over 10 digits, each image paired with another example's speech); several, comma-separated
+    ("digit,value"), or a tuple (even of one), add each under its own key (the first is also the `label`).
+    `data.imbalance` (a dict, see `IMBALANCE_DEFAULTS`; empty: off) reads the imbalanced variant
+    (`ImbalancedSource`).
     """
-    target = data_config.get("target", "digit")
-    if target not in AV_DIGITS_TARGETS:
-        raise ValueError(f"config data.target={target!r}; valid: {', '.join(AV_DIGITS_TARGETS)}")
+    given = data_config.get("target", "digit")
+    targets = parse_targets(given)
+    target = targets[0]
+    own_keys = not isinstance(given, str) or "," in given  # Each target also under its own key.
+    imbalance = imbalance_settings(data_config.get("imbalance"))
 
     builder = build_on_process_zero(lambda: build(data_config.get("data_dir") or None))
     audio = data_config.get("audio", ml_collections.ConfigDict())
@@ -460,16 +555,19 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
         hop_length=audio.get("hop_length", HOP_LENGTH),
         n_mels=audio.get("n_mels", N_MELS),
         target=target,
+        targets=targets if own_keys else (),
         features=features,
         n_mfcc=audio.get("n_mfcc", 13),
         deltas=audio.get("deltas", 0),
         lifter=audio.get("lifter", 0),
     )
     label = builder.info.features["label"]
-    if target == "digit_pair":
-        source = lambda split: PairedSource(builder.as_data_source(split=split))  # noqa: E731
-    else:
-        source = lambda split: builder.as_data_source(split=split)  # noqa: E731
+
+    def source(split: str):
+        data = builder.as_data_source(split=split)
+        if imbalance is not None:
+            data = ImbalancedSource(data, split, imbalance)
+        return PairedSource(data) if "digit_pair" in targets else data
     return Dataset(
         name="av_digits",
         source=source,

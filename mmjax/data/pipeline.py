@@ -5,6 +5,12 @@ step k holds the same examples in the same order whatever the number of processe
 iterator's position is checkpointed (Grain `get_state`/`set_state`), so a resumed run sees exactly the batches it would
 have seen; `device_prefetch` transfers the next batches to the devices in the background while keeping that position
 exact. Examples missing an optional modality get a zero placeholder and `<modality>_mask` = 0 (`example_fn`).
+
+Several datasets in one run (`mixture`): the training stream draws from each source in proportion to its weight
+(Grain's deterministic weighted interleaving of per-source shuffled streams, so the mixture's position is the
+stream's position and resumes exactly); evaluation reads every example of every source once. Each example is
+tagged with its source (`source`, the index in sorted source names), and a key some source lacks (a label, a
+modality) gets a zero placeholder and `<key>_mask` = 0 there, which the tasks and fusions honour.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from typing import Any
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 
-from mmjax.data.core import VALID_KEY, Dataset, identity, is_int, mask_key
+from mmjax.data.core import VALID_KEY, Dataset, check_label, identity, is_int, mask_key
 
 Batch = dict[str, np.ndarray]
 InputSpec = dict[str, tuple[tuple[int, ...], str]]
+SOURCE_KEY = "source"  # int32 index (sorted source names) of the dataset a mixture's example comes from.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +131,152 @@ def cache_in_memory(dataset: Dataset) -> Dataset:
     return dataclasses.replace(dataset, source=source, preprocess=identity)
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckedTaskLabels:
+    """`preprocess`, then a host check of each task label an example has (`mmjax.data.core.check_label`), for
+    multi-task models whose labels live under several keys (picklable, for Grain workers)."""
+
+    preprocess: Callable[[Mapping[str, Any]], Batch]
+    dataset: str
+    labels: tuple[tuple[str, str, int], ...]  # (batch key, task type, number of outputs)
+
+    def __call__(self, example: Mapping[str, Any]) -> Batch:
+        out = self.preprocess(example)
+        for key, task, outputs in self.labels:
+            if out.get(key) is not None:
+                check_label(out[key], task, outputs, f"dataset {self.dataset!r} label {key!r}")
+        return out
+
+
+def check_task_labels(dataset: Dataset, labels: Sequence[tuple[str, str, int]]) -> Dataset:
+    """The dataset with every example's task labels checked when read (before any in-memory cache)."""
+    if not labels:
+        return dataset
+    return dataclasses.replace(dataset, preprocess=CheckedTaskLabels(dataset.preprocess, dataset.name,
+                                                                     tuple(labels)))
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtureExample:
+    """One source's raw example -> a mixture example (picklable): the source's preprocessing, only the mixture's
+    keys, a zero placeholder and `<key>_mask` = 0 for each key this source lacks, the source's own mask (or 1) for
+    each masked key it has, and the `source` tag."""
+
+    preprocess: Callable[[Mapping[str, Any]], Batch]
+    keys: tuple[str, ...]
+    missing: Mapping[str, tuple[tuple[int, ...], str]]
+    masked: tuple[str, ...]
+    index: int
+
+    def __call__(self, example: Mapping[str, Any]) -> Batch:
+        out = self.preprocess(example)
+        result = {k: out[k] for k in self.keys}
+        for key in self.masked:
+            result[mask_key(key)] = np.float32(out.get(mask_key(key), 1.0))
+        for key, (shape, dtype) in self.missing.items():
+            result[key], result[mask_key(key)] = np.zeros(shape, dtype), np.float32(0.0)
+        result[SOURCE_KEY] = np.int32(self.index)
+        return result
+
+
+class MixtureSplit:
+    """One split of a mixture: the concatenation of its sources' splits (sorted source order) for random access and
+    evaluation, and the per-source parts and weights the training stream mixes (`train_dataset`)."""
+
+    def __init__(self, parts: Sequence[tuple[str, Any, MixtureExample]], weights: Mapping[str, float]):
+        self.parts = list(parts)
+        self.weights = dict(weights)
+        self.offsets = np.cumsum([0] + [len(source) for _, source, _ in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> Batch:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"mixture index {index} out of range [0, {len(self)})")
+        part = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        _, source, complete = self.parts[part]
+        return complete(source[index - int(self.offsets[part])])
+
+
+def check_mixture_weights(weights: Mapping[str, Any], names: Sequence[str]) -> dict[str, float]:
+    """`data.mixture` checked: one finite weight >= 0 per source, an unknown source named, not all zero."""
+    if not isinstance(weights, (Mapping, ml_collections.ConfigDict)) or not weights:
+        raise ValueError(f"config data.mixture={weights!r} must map each source of data.sources {sorted(names)} to "
+                         "its weight, e.g. {'a': 0.5, 'b': 0.5}")
+    for name, value in weights.items():
+        if name not in names:
+            raise ValueError(f"config data.mixture has a weight for {name!r}, which is not a source of "
+                             f"data.sources: {sorted(names)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"config data.mixture.{name}={value!r} must be a finite number >= 0")
+    lacking = sorted(set(names) - set(weights))
+    if lacking:
+        raise ValueError(f"config data.mixture has no weight for source(s) {lacking}; give every source of "
+                         f"data.sources a weight")
+    if not any(weights.values()):
+        raise ValueError(f"config data.mixture={dict(weights)} are all zero: nothing would be drawn")
+    return {k: float(v) for k, v in weights.items()}
+
+
+def mixture(datasets: Mapping[str, Dataset], weights: Mapping[str, float], keys: Sequence[str],
+            spec_split: str) -> Dataset:
+    """A weighted mixture of `datasets` (module docstring) keeping `keys` (modalities and labels), as a `Dataset`.
+
+    Every key must come from at least one source, with the same shape and dtype in each that has it; a key some
+    sources lack gets placeholders and a `<key>_mask`. Splits are those every source has (sizes summed).
+    Augmentations are not mixed: sources must have none.
+    """
+    names = sorted(datasets)
+    weights = check_mixture_weights(weights, names)
+    specs = {}
+    for name in names:
+        if datasets[name].augment is not None:
+            raise ValueError(f"data source {name!r} ({datasets[name].name}) augments its examples; a mixture "
+                             "draws preprocessed examples and cannot mix augmentations")
+        specs[name] = input_spec(datasets[name], spec_split)
+    union: InputSpec = {}
+    for key in keys:
+        having = {n: specs[n][key] for n in names if key in specs[n]}
+        if not having:
+            raise ValueError(f"no data source provides {key!r}; sources' keys: "
+                             + "; ".join(f"{n}: {sorted(specs[n])}" for n in names))
+        if len(set(having.values())) > 1:
+            raise ValueError(f"data sources disagree on the shape/dtype of {key!r}: {having}")
+        union[key] = next(iter(having.values()))
+    masked = tuple(k for k in keys if any(k not in specs[n] or mask_key(k) in specs[n] for n in names))
+    completions = {}
+    for index, name in enumerate(names):
+        own = tuple(k for k in keys if k in specs[name])
+        completions[name] = MixtureExample(example_fn(datasets[name]), own,
+                                           {k: union[k] for k in keys if k not in specs[name]},
+                                           tuple(k for k in masked if k in specs[name]), index)
+    splits = {split: sum(datasets[n].splits[split] for n in names)
+              for split in datasets[names[0]].splits if all(split in datasets[n].splits for n in names)}
+    first = datasets[names[0]]
+    tasks = {datasets[n].task for n in names}
+
+    def source(split: str) -> MixtureSplit:
+        return MixtureSplit([(n, datasets[n].source(split), completions[n]) for n in names], weights)
+
+    return Dataset(
+        name="+".join(f"{n}:{datasets[n].name}" for n in names),
+        source=source,
+        preprocess=identity,
+        splits=splits,
+        num_classes=first.num_classes,
+        modalities=tuple(sorted({m for n in names for m in datasets[n].modalities})),
+        class_names=first.class_names,
+        task=first.task if len(tasks) == 1 else "mixture",
+    )
+
+
+def _part_seed(seed: int, index: int) -> int:
+    """A distinct shuffle seed per mixture source, derived from the run seed."""
+    return int(np.random.SeedSequence((int(seed), int(index))).generate_state(1)[0])
+
+
 def train_dataset(
     dataset: Dataset, split: str, *, global_batch_size: int, seed: int, num_threads: int = 2, num_workers: int = 0
 ) -> grain.IterDataset:
@@ -131,12 +285,28 @@ def train_dataset(
     `num_workers` > 0 preprocesses in that many Grain worker processes: the same batches as 0 (augmentations
     included); the iterator state then records each worker's position, so it restores into a pipeline with the
     same `num_workers`. The source, `preprocess` and `augment` must be picklable.
+
+    A mixture's split (`MixtureSplit`) is drawn source by source: each source's examples are shuffled (each epoch
+    anew, with its own seed) and repeated, and `grain.MapDataset.mix` interleaves the sources in proportion to
+    their weights; the whole stream is still a map over stream positions, so its iterator state is one position.
     """
     source = dataset.source(split)
     if len(source) == 0:
         raise ValueError(f"dataset {dataset.name!r} split {split!r} is empty")
     batch = local_batch_size(global_batch_size)
-    if isinstance(source, InMemorySplit) and dataset.augment is None:
+    if isinstance(source, MixtureSplit):
+        parts, weights = [], []
+        for index, (name, part, complete) in enumerate(source.parts):
+            if source.weights[name] <= 0:
+                continue
+            if len(part) == 0:
+                raise ValueError(f"data source {name!r} split {split!r} is empty")
+            parts.append(grain.MapDataset.source(part).seed(_part_seed(seed, index)).shuffle().repeat(None)
+                         .map(complete))
+            weights.append(source.weights[name])
+        ds = grain.MapDataset.mix(parts, weights)
+        ds = ds.batch(batch, drop_remainder=True)[jax.process_index() :: jax.process_count()]
+    elif isinstance(source, InMemorySplit) and dataset.augment is None:
         # Examples already preprocessed in memory: shuffle and batch their indices (the same order as the general
         # path below: shuffling permutes positions) and gather each batch in one indexing, instead of handling
         # every example in Python. The batches are identical; only their assembly is faster.

@@ -1,8 +1,9 @@
 """The evaluator interface (big_vision style): small evaluators chosen by name, each run on a trained state.
 
-`config.eval.evaluators` names them (default: `split_metrics`, plus `zero_shot` where the model and dataset
-support it); `config.eval.<name>` (a dict, optional) holds an evaluator's options. Every evaluator returns a dict
-whose scalar entries are logged as `<split>/<metric>` and whose other entries (curves, tables) go to results.json.
+`config.eval.evaluators` names them (default: `split_metrics`, plus `zero_shot` and `modality_diagnostics` where
+the model and dataset support them); `config.eval.<name>` (a dict, optional) holds an evaluator's options. Every
+evaluator returns a dict whose scalar entries are logged as `<split>/<metric>` and whose other entries (curves,
+tables) go to results.json.
 Evaluators that work on the split's per-example outputs (`uses_outputs`) share one pass of the model over it.
 """
 
@@ -22,7 +23,7 @@ from mmjax.evaluate.outputs import gather_outputs
 from mmjax.registry import Registry, closest
 
 EVALUATORS: Registry = Registry("evaluator")
-DEFAULT_EVALUATORS = ("split_metrics", "zero_shot")
+DEFAULT_EVALUATORS = ("split_metrics", "zero_shot", "modality_diagnostics")
 
 
 class EvalContext(Protocol):
@@ -96,10 +97,11 @@ def evaluate(context: EvalContext, state: Any, split: str, evaluators: Sequence[
     """Runs `evaluators` on `split` of the context's dataset (or on `batches`) and merges their results."""
     outputs = None
     if any(e.uses_outputs for e in evaluators):
-        if batches is None:
-            batches = pipeline.eval_batches(context.dataset, split,
-                                            global_batch_size=context.config.data.eval_batch_size)
-        outputs = gather_outputs(context.eval_step_fn, state, batches, context.eval_keys, context.batch_sharding)
+        # A fresh pass over the split for the shared outputs; the other evaluators read the split themselves (or
+        # the caller's `batches`), since a pass consumes the generator.
+        source = batches if batches is not None else pipeline.eval_batches(
+            context.dataset, split, global_batch_size=context.config.data.eval_batch_size)
+        outputs = gather_outputs(context.eval_step_fn, state, source, context.eval_keys, context.batch_sharding)
     results: dict = {}
     for evaluator in evaluators:
         results.update(evaluator(context, state, split, outputs, batches))

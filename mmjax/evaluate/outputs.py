@@ -22,14 +22,10 @@ from mmjax.tasks.base import Task
 
 def eval_step(params, model_state, batch: Mapping[str, jax.Array], *, model: nn.Module,
               task: Task) -> dict[str, jax.Array]:
-    """Per-example outputs (the task's predictions, label, validity, loss), gathered on the host for exact metrics."""
+    """Per-example outputs (the task's predictions, label, loss: `Task.eval_arrays`) and validity, gathered on the
+    host for exact metrics."""
     outputs = model.apply({"params": params, **model_state}, batch, train=False)
-    return {
-        **task.eval_outputs(outputs),
-        "label": batch["label"],
-        "valid": batch[VALID_KEY],
-        "loss": task.loss(outputs, batch["label"]),
-    }
+    return {**task.eval_arrays(outputs, batch), "valid": batch[VALID_KEY]}
 
 
 def jit_eval_step(model: nn.Module, task: Task, state_sharding: Any, batch_sharding: jax.sharding.Sharding):
@@ -60,5 +56,7 @@ def gather_outputs(eval_fn, state, batches: Iterable[Mapping[str, np.ndarray]], 
 
 
 def scalars(metrics: Mapping[str, Any]) -> dict[str, float | int]:
-    """The scalar metrics of an evaluation (what is logged), without the example count."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "num_examples"}
+    """The scalar metrics of an evaluation (what is logged), without the example counts (`num_examples`, and a
+    multi-task model's `<task>/num_examples`)."""
+    return {k: v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and k != "num_examples" and not k.endswith("/num_examples")}

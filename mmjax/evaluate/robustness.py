@@ -345,7 +345,8 @@ def model_predictor(context: EvalContext, state: Any) -> Callable[[Batch], np.nd
 
     @functools.partial(jax.jit, out_shardings=context.batch_sharding)
     def predict_fn(params, model_state, batch):
-        return jnp.argmax(context.model.apply({"params": params, **model_state}, batch, train=False), -1)
+        outputs = context.model.apply({"params": params, **model_state}, batch, train=False)
+        return jnp.argmax(context.task.main_outputs(outputs), -1)
 
     modalities = context.model.encoders
 

@@ -14,12 +14,11 @@ from mmjax.evaluate.evaluator import EVALUATORS, EvalContext, Evaluator
 @EVALUATORS.register("split_metrics")
 @dataclasses.dataclass(frozen=True)
 class SplitMetrics(Evaluator):
-    """`task.metrics` (accuracy and macro-F1, mAP, MAE, retrieval recall@K and binding, ...) plus `loss`."""
+    """`task.metrics` (accuracy and macro-F1, mAP, MAE, retrieval recall@K and binding, ...) plus `loss`
+    (`Task.split_metrics`; per task, `<task>/<metric>`, for a multi-task model)."""
 
     uses_outputs: ClassVar[bool] = True
 
     def __call__(self, context: EvalContext, state: Any, split: str, outputs: Mapping[str, np.ndarray] | None,
                  batches: Iterable | None = None) -> dict:
-        metrics = context.task.metrics(outputs, outputs["label"])
-        metrics["loss"] = float(outputs["loss"].mean())
-        return metrics
+        return context.task.split_metrics(outputs)

@@ -143,13 +143,21 @@ def _check_dtype(model_config: ml_collections.ConfigDict) -> str | None:
     return dtype
 
 
-def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
+def build_model(model_config: ml_collections.ConfigDict, *,
+                task_heads: Mapping[str, tuple[Mapping[str, Any], int]] | None = None,
+                unimodal_scores: bool = False, learned_log_vars: bool = False) -> nn.Module:
     """Builds the model of `config.model`: `name` "fusion" (default; `MultimodalModel`: encoders per modality,
     fusion, head), "two_tower" (`TwoTower` dual encoder for contrastive training) or "matching" (`MatchingModel`:
     dual encoder + image–text matching cross-encoder, config group `model.matching`).
 
     `model.dtype` (e.g. "bfloat16") is the compute dtype of every module that does not set its own; parameters
     stay float32 and losses are computed in float32 (mixed precision).
+
+    Fusion models only: `task_heads` ({task: (head config, outputs)}, from `config.tasks`) gives the model one
+    head per task instead of `model.head` (multi-task; a feature-level fusion), with learned per-task
+    log-variances when `learned_log_vars`; `model.aux_heads` ({modality: loss weight}) adds a unimodal head (a
+    copy of `model.head`) per named modality; `unimodal_scores` makes it output the head's scores with one modality
+    at a time (gradient modulation). See `MultimodalModel`.
     """
     kind = model_config.get("name", "fusion")
     if kind not in MODEL_KINDS:
@@ -161,15 +169,78 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
         m: build_module(ENCODERS, model_config.encoders[m], f"model.encoders.{m}", dtype)()
         for m in sorted(model_config.encoders)
     }
+    aux = model_config.get("aux_heads") or {}
+    if kind in ("two_tower", "matching") and (task_heads or aux or unimodal_scores):
+        raise ValueError(f"config model.name={kind!r}: task heads (config tasks), model.aux_heads and gradient "
+                         "modulation need a fusion model (model.name='fusion')")
     if kind == "two_tower":
         return _build_two_tower(model_config, encoders, dtype)
     if kind == "matching":
         return build_matching(model_config, encoders, dtype)
+    if task_heads:
+        fusion = build_module(FUSIONS, model_config.fusion, "model.fusion", dtype)
+        return _build_multitask(model_config, encoders, fusion, task_heads, dtype, aux, unimodal_scores,
+                                learned_log_vars)
     num_classes = model_config.get("num_classes")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
         raise ValueError(f"config model.num_classes={num_classes!r} must be a positive integer (the head's outputs)")
     head = build_module(HEADS, model_config.head, "model.head", dtype, num_classes=num_classes)
     fusion = build_module(FUSIONS, model_config.fusion, "model.fusion", dtype)
+    _check_fusion_modalities(model_config, fusion, encoders)
+    dropout = _modality_dropout(model_config)
+    extra = {}
+    if aux:
+        extra["aux_heads"] = {m: head() for m in _aux_modalities(aux, encoders)}
+    if unimodal_scores:
+        if len(encoders) < 2:
+            raise ValueError(f"gradient modulation (config train.modulation) balances two or more modalities; "
+                             f"model.encoders has {sorted(encoders)}")
+        extra["unimodal_scores"] = True
+    if fusion.func.produces_logits:  # Decision-level: the fusion owns one head per modality.
+        return MultimodalModel(encoders=encoders, fusion=fusion(head=head), head=None, modality_dropout=dropout,
+                               **extra)
+    return MultimodalModel(encoders=encoders, fusion=fusion(), head=head(), modality_dropout=dropout, **extra)
+
+
+def _modality_dropout(model_config: ml_collections.ConfigDict) -> float:
+    dropout = model_config.get("modality_dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"config model.modality_dropout={dropout!r} must be in [0, 1)")
+    return dropout
+
+
+def _aux_modalities(aux: Any, encoders: Mapping[str, Any]) -> list[str]:
+    """The modalities of `model.aux_heads` ({modality: loss weight}); each must have an encoder."""
+    if not isinstance(aux, (Mapping, ml_collections.ConfigDict)):
+        raise ValueError(f"config model.aux_heads={aux!r} must map modalities to loss weights, e.g. "
+                         "{'audio': 0.5, 'image': 0.5}")
+    for m in aux:
+        if m not in encoders:
+            raise ValueError(f"config model.aux_heads names modality {m!r}, but the model has no encoder for it; "
+                             f"model.encoders: {sorted(encoders)}")
+    return sorted(aux)
+
+
+def _build_multitask(model_config, encoders, fusion, task_heads, dtype, aux, unimodal_scores,
+                     learned_log_vars) -> nn.Module:
+    """A `MultimodalModel` with one head per task over one feature-level fusion."""
+    if fusion.func.produces_logits:
+        raise ValueError(f"config model.fusion.name={model_config.fusion.name!r} is decision-level (it owns one "
+                         "head per modality); several task heads (config tasks) need a feature-level fusion")
+    if aux or unimodal_scores:
+        raise ValueError("model.aux_heads and gradient modulation (train.modulation) balance the modalities of one "
+                         "task; with several tasks (config tasks) they are not supported")
+    _check_fusion_modalities(model_config, fusion, encoders)
+    heads = {}
+    for name in sorted(task_heads):
+        head_config, outputs = task_heads[name]
+        heads[name] = build_module(HEADS, ml_collections.ConfigDict(dict(head_config)), f"tasks.{name}.head",
+                                   dtype, num_classes=outputs)()
+    return MultimodalModel(encoders=encoders, fusion=fusion(), head=None, heads=heads,
+                           modality_dropout=_modality_dropout(model_config), learned_log_vars=learned_log_vars)
+
+
+def _check_fusion_modalities(model_config, fusion, encoders) -> None:
     needed = getattr(fusion.func, "min_modalities", 1)
     if len(encoders) < needed:
         raise ValueError(
@@ -178,12 +249,6 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
         )
     if getattr(fusion.func, "conditions_encoders", False):
         fusion.func.check_encoders(fusion.keywords, encoders)
-    dropout = model_config.get("modality_dropout", 0.0)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"config model.modality_dropout={dropout!r} must be in [0, 1)")
-    if fusion.func.produces_logits:  # Decision-level: the fusion owns one head per modality.
-        return MultimodalModel(encoders=encoders, fusion=fusion(head=head), head=None, modality_dropout=dropout)
-    return MultimodalModel(encoders=encoders, fusion=fusion(), head=head(), modality_dropout=dropout)
 
 
 def _build_two_tower(model_config, encoders, dtype) -> nn.Module:

@@ -63,6 +63,47 @@ class Task(abc.ABC):
     def metrics(self, eval_outputs: Mapping[str, np.ndarray], labels: np.ndarray) -> dict:
         """Exact metrics over a whole split from the gathered `eval_outputs` (padding rows already removed)."""
 
+    # The batch-level interface the train and eval steps call. A task's defaults read its labels from
+    # `batch["label"]`; compositions (`mmjax.tasks.multitask`: several heads, auxiliary heads) override them.
+
+    label_keys: ClassVar[tuple[str, ...]] = ("label",)  # The batch keys holding this task's labels.
+
+    def normalizer(self, batch: Mapping[str, jax.Array]) -> Any:
+        """What `objective` divides its sums by, computed from a whole batch (None: the batch's own size).
+
+        Gradient accumulation computes it once from the whole batch and gives each of the k micro-batches 1/k of
+        it, so that a loss averaged over a varying number of examples (masked labels) still accumulates exactly.
+        """
+        del batch
+        return None
+
+    def objective(self, outputs: Any, batch: Mapping[str, jax.Array],
+                  normalizer: Any = None) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+        """`(objective, loss, metrics)` of a (micro-)batch: the scalar the train step differentiates, the loss it
+        logs (comparable with evaluation losses) and extra scalars to log. By default both are the mean of
+        `loss` over the batch (exactly the program a single task has always compiled to)."""
+        del normalizer
+        loss = self.loss(outputs, batch["label"]).mean()
+        return loss, loss, {}
+
+    def batch_metrics(self, outputs: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """`train_metrics` of a batch."""
+        return self.train_metrics(outputs, batch["label"])
+
+    def eval_arrays(self, outputs: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        """The per-example arrays the eval step gathers: `eval_outputs`, the label and the per-example loss."""
+        return {**self.eval_outputs(outputs), "label": batch["label"], "loss": self.loss(outputs, batch["label"])}
+
+    def split_metrics(self, outputs: Mapping[str, np.ndarray]) -> dict:
+        """`metrics` over a split's gathered `eval_arrays`, plus the mean loss."""
+        metrics = self.metrics(outputs, outputs["label"])
+        metrics["loss"] = float(outputs["loss"].mean())
+        return metrics
+
+    def main_outputs(self, outputs: Any) -> Any:
+        """The fused model output the task's predictions come from (the model's whole output by default)."""
+        return outputs
+
 
 def check_outputs(task: Task, num_classes: Any, class_names: Sequence[str]) -> None:
     """The number of outputs is a positive int and the class names (when given) name each of them once."""

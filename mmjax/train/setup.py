@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,10 +28,12 @@ from mmjax.evaluate.outputs import jit_eval_step
 from mmjax.nn.builder import build_model
 from mmjax.nn.pretrained import check_init_from, init_from_source
 from mmjax.registry import closest
-from mmjax.tasks import Task, build_task, task_class, task_name
-from mmjax.train import optimizer, parallel
+from mmjax.tasks import Task, task_class, task_name
+from mmjax.tasks.multitask import weighting
+from mmjax.train import composition, optimizer, parallel
 from mmjax.train.checkpoint import check_best_metric
 from mmjax.train.compilation import OneShot
+from mmjax.train.modulation import GradientModulation
 from mmjax.train.state import TrainState
 from mmjax.train.step import check_frozen, check_frozen_patterns, init_state, split_params, train_step
 
@@ -59,8 +62,9 @@ def validate(config: ml_collections.ConfigDict, *, training: bool = True) -> Non
     accum = config.train.get("grad_accum_steps", 1)
     if not is_int(accum) or accum <= 0:
         raise ValueError(f"config train.grad_accum_steps={accum!r} must be a positive integer (1 = no accumulation)")
+    entries = composition.validate(config)  # Several tasks, a mixture of datasets, the imbalance remedies.
     task = task_class(task_name(config.get("task")))
-    if accum > 1 and not task.per_example_loss:
+    if accum > 1 and not task.per_example_loss and entries is None:
         raise ValueError(
             f"config train.grad_accum_steps={accum} with task.name={task_name(config.get('task'))!r}: this loss "
             "couples the examples of a batch (in-batch negatives), so micro-batches would change the objective, "
@@ -80,11 +84,15 @@ def validate(config: ml_collections.ConfigDict, *, training: bool = True) -> Non
     check_frozen_patterns(config.train.get("frozen", ()))
     check_init_from(config.train.get("init_from"))
     splits = check_strings(config.eval.splits, "eval.splits", "('validation', 'test')")
-    check_best_metric(config.checkpoint, splits, task_name(config.get("task")), task.metric_names)
+    if entries is None:
+        check_best_metric(config.checkpoint, splits, task_name(config.get("task")), task.metric_names)
+    else:
+        check_best_metric(config.checkpoint, splits, "multitask", composition.best_metric_names(entries))
 
 
-def check_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> None:
-    """The config asks only for what the dataset has: modalities, label type, number of outputs, non-empty splits."""
+def check_dataset(config: ml_collections.ConfigDict, dataset: Dataset, multitask: bool = False) -> None:
+    """The config asks only for what the dataset has: modalities, label type, number of outputs, non-empty splits
+    (a multi-task run's labels are checked per task, `composition.task_heads`)."""
     unknown = sorted(set(config.model.encoders) - set(dataset.modalities))
     if unknown:
         raise ValueError(
@@ -92,9 +100,9 @@ def check_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> None:
             f"{list(dataset.modalities)}"
         )
     name = task_name(config.get("task"))
-    if task_class(name).dataset_task != dataset.task:
+    if not multitask and task_class(name).dataset_task != dataset.task:
         raise ValueError(f"config task.name={name!r} but dataset {dataset.name!r} provides {dataset.task!r} labels")
-    if config.model.get("num_classes") != dataset.num_classes:
+    if not multitask and config.model.get("num_classes") != dataset.num_classes:
         raise ValueError(
             f"config model.num_classes={config.model.get('num_classes')!r} but dataset {dataset.name!r} has "
             f"{dataset.num_classes} {'outputs' if dataset.task == 'regression' else 'classes'}"
@@ -113,13 +121,27 @@ def check_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> None:
 _DATASETS: dict[str, Dataset] = {}
 
 
-def load_dataset(data_config: ml_collections.ConfigDict) -> Dataset:
-    """The dataset of `config.data`, built once per process (runs of a benchmark share its in-memory cache)."""
-    key = json.dumps(config_lib.normalize(data_config.to_dict()), sort_keys=True)
+def load_dataset(data_config: ml_collections.ConfigDict, wrap: Callable[[Dataset], Dataset] | None = None,
+                 wrap_key: str = "") -> Dataset:
+    """The dataset of `config.data`, built once per process (runs of a benchmark share its in-memory cache).
+
+    `wrap` (e.g. the task-label checks of a multi-task run, `composition.load_dataset`) changes the dataset before
+    it is cached; `wrap_key` names the change in the cache key."""
+    key = json.dumps(config_lib.normalize(data_config.to_dict()), sort_keys=True) + wrap_key
     if key not in _DATASETS:
         dataset = get_dataset(data_config)
+        if wrap is not None:
+            dataset = wrap(dataset)
         _DATASETS[key] = pipeline.cache_in_memory(dataset) if data_config.cache_in_memory else dataset
     return _DATASETS[key]
+
+
+def _load(config: ml_collections.ConfigDict, entries) -> Dataset:
+    """The run's dataset: `load_dataset(config.data)`, or built by `composition` (task labels, mixtures)."""
+    if entries is None and not (config.data.get("sources") or {}):
+        return load_dataset(config.data)
+    keys = sorted(config.model.encoders) + composition.label_keys(config, entries)
+    return composition.load_dataset(config, entries, load_dataset, keys)
 
 
 @dataclasses.dataclass
@@ -141,6 +163,7 @@ class Setup:
     batch_sharding: Any
     replicated: Any
     evaluators: list[Evaluator] = dataclasses.field(default_factory=list)
+    modulation: GradientModulation | None = None  # config.train.modulation (OGM-GE), see `mmjax.train.modulation`.
 
     def train_step_fn(self):
         """The jitted train step over the mesh: `(state, global batch) -> (state, metrics)`, state donated.
@@ -157,6 +180,7 @@ class Setup:
             batch_sharding=self.batch_sharding,
             nonfinite=self.config.train.get("nonfinite", "stop"),  # "skip": see step.train_step.
             penalty=optimizer.build_penalty(self.config.optimizer),  # L1 / L2 (none by default).
+            modulation=self.modulation,  # OGM-GE (none by default).
         )
         return jax.jit(
             step,
@@ -209,13 +233,24 @@ def setup(config: ml_collections.ConfigDict, *, training: bool = True) -> Setup:
     mesh_config = config.get("mesh") or {}
     mesh = parallel.make_mesh(mesh_config.get("fsdp", 1))
     batch_sharding, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    dataset = load_dataset(config.data)
-    check_dataset(config, dataset)
-    model = build_model(config.model)
-    task = build_task(config.get("task"), config.model.num_classes, dataset.class_names).with_mesh(mesh)
+    entries = composition.validate(config)
+    dataset = _load(config, entries)
+    check_dataset(config, dataset, multitask=entries is not None)
     full_spec = pipeline.input_spec(dataset, config.data.train_split)
-    modalities = sorted(config.model.encoders)
-    keys = modalities + [f"{m}_mask" for m in modalities if f"{m}_mask" in full_spec] + ["label"]
+    modulation = composition.modulation(config, entries)
+    if entries is None and modulation is None and not config.model.get("aux_heads"):
+        model = build_model(config.model)  # The single-task model (exactly as without any composition).
+        outputs, class_names = {}, {}
+    else:
+        heads, outputs, class_names = (composition.task_heads(config, entries, dataset, full_spec)
+                                       if entries is not None else (None, {}, {}))
+        model = build_model(config.model, task_heads=heads, unimodal_scores=modulation is not None,
+                            learned_log_vars=entries is not None and weighting(config) == "uncertainty")
+    task = composition.build_tasks(config, entries, dataset, outputs, class_names, modulation).with_mesh(mesh)
+    keys = composition.input_keys(config, full_spec, entries)
+    missing = sorted(k for k in keys if k not in full_spec)
+    if missing:
+        raise ValueError(f"dataset {dataset.name!r} has no {missing} (config task); its keys: {sorted(full_spec)}")
     spec = {k: full_spec[k] for k in keys}
     frozen = tuple(config.train.get("frozen", ()))
     tx = optimizer.build_optimizer(config.optimizer, config.train.num_steps)
@@ -230,6 +265,6 @@ def setup(config: ml_collections.ConfigDict, *, training: bool = True) -> Setup:
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding
     )
     s = Setup(config, mesh, dataset, model, task, keys, spec, tx, frozen, init_fn, abstract, state_sharding,
-              batch_sharding, replicated)
+              batch_sharding, replicated, modulation=modulation)
     s.evaluators = build_evaluators(s)
     return s

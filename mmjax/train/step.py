@@ -25,7 +25,9 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mmjax.checks import check_strings
+from mmjax.nn.models.multimodal import UNIMODAL_OUTPUTS
 from mmjax.tasks.base import Task
+from mmjax.train.modulation import GradientModulation
 from mmjax.train.state import TrainState, step_rng
 
 
@@ -93,9 +95,17 @@ def init_state(
     )
 
 
-def _forward_backward(trainable, locked, model_state, batch, rng, *, model, task, penalty=None):
-    """Task loss (mean over `batch`), outputs, new model state, gradient w.r.t. `trainable` of the task loss plus
-    `penalty(trainable)` (when given), and the penalty's value, for one (micro-)batch."""
+def _forward_backward(trainable, locked, model_state, batch, rng, *, model, task, penalty=None, normalizer=None,
+                      modulation=None, step=None):
+    """Task loss, outputs, new model state, gradient w.r.t. `trainable` of the task's objective plus
+    `penalty(trainable)` (when given), the penalty's value and the extra metrics (the objective's, the
+    modulation's), for one (micro-)batch.
+
+    The objective is `task.objective` (for a single task: the mean of its per-example loss, see `Task`);
+    `normalizer` is the whole batch's (`Task.normalizer`) under gradient accumulation. `modulation` (OGM-GE,
+    `mmjax.train.modulation`) rescales the encoders' gradients from the model's unimodal scores at state step
+    `step`.
+    """
     mutable = list(model_state)
 
     def loss_fn(trainable):
@@ -105,14 +115,18 @@ def _forward_backward(trainable, locked, model_state, batch, rng, *, model, task
         else:
             outputs = model.apply(variables, batch, train=True, rngs={"dropout": rng})
             new_model_state = model_state
-        loss = task.loss(outputs, batch["label"]).mean()
-        if penalty is None:  # The objective is exactly the task's loss (the same program as without penalties).
-            return loss, (outputs, new_model_state, loss, jnp.zeros((), jnp.float32))
+        objective, loss, metrics = task.objective(outputs, batch, normalizer)
+        if penalty is None:  # The objective is exactly the task's (the same program as without penalties).
+            return objective, (outputs, new_model_state, loss, jnp.zeros((), jnp.float32), metrics)
         value = penalty(trainable)
-        return loss + value, (outputs, new_model_state, loss, value)
+        return objective + value, (outputs, new_model_state, loss, value, metrics)
 
-    (_, (outputs, new_model_state, loss, value)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    return loss, outputs, dict(new_model_state), grads, value
+    (_, (outputs, new_model_state, loss, value, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable)
+    if modulation is not None:
+        grads, modulated = modulation(grads, outputs[UNIMODAL_OUTPUTS], batch["label"], rng, step)
+        metrics = {**metrics, **modulated}
+    return loss, outputs, dict(new_model_state), grads, value, metrics
 
 
 def split_micro_batches(batch: Mapping[str, jax.Array], k: int, sharding: NamedSharding | None = None) -> dict:
@@ -149,6 +163,7 @@ def train_step(
     batch_sharding: NamedSharding | None = None,
     nonfinite: str = "stop",
     penalty: Callable[[Any], jax.Array] | None = None,
+    modulation: GradientModulation | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on the (global) batch; gradients are averaged over it, hence over every device.
 
@@ -168,6 +183,11 @@ def train_step(
 
     `penalty` (e.g. `optimizer.build_penalty(config.optimizer)`; None or inactive: none): a function of the
     trainable parameters added to the objective; its value is the metric `penalty`, and `loss` stays the task's.
+
+    The objective and the logged loss come from `task.objective` (a composed task, `mmjax.tasks.multitask`, adds
+    per-task losses and weights to the metrics); under accumulation each micro-batch divides by its share of the
+    whole batch's `task.normalizer`, so masked per-task means accumulate exactly too. `modulation` (OGM-GE) rescales
+    the encoders' gradients of each (micro-)batch before they are summed; it needs the model's unimodal scores.
     """
     if nonfinite not in ("stop", "skip"):
         raise ValueError(f"config train.nonfinite={nonfinite!r}; valid: stop, skip")
@@ -177,23 +197,27 @@ def train_step(
     locked = jax.lax.stop_gradient(locked)
     if penalty is not None and not getattr(penalty, "active", True):
         penalty = None
-    compute = functools.partial(_forward_backward, model=model, task=task, penalty=penalty)
+    compute = functools.partial(_forward_backward, model=model, task=task, penalty=penalty, modulation=modulation,
+                                step=state.step)
     rng = step_rng(state)
     if grad_accum_steps == 1:
-        loss, outputs, model_state, grads, penalty_value = compute(trainable, locked, state.model_state, batch, rng)
-        task_metrics = task.train_metrics(outputs, batch["label"])
+        loss, outputs, model_state, grads, penalty_value, extra = compute(
+            trainable, locked, state.model_state, batch, rng)
+        task_metrics = {**task.batch_metrics(outputs, batch), **extra}
     else:
         k = grad_accum_steps
         micro_batches = split_micro_batches(batch, k, batch_sharding)
+        whole = task.normalizer(batch)  # Each micro-batch divides its sums by 1/k of the whole batch's normaliser.
+        share = None if whole is None else jax.tree_util.tree_map(lambda n: n / k, whole)
 
         def accumulate(carry, xs):
             model_state, grad_sum = carry
             j, micro_batch = xs
-            loss, outputs, model_state, grads, value = compute(
-                trainable, locked, model_state, micro_batch, jax.random.fold_in(rng, j)
+            loss, outputs, model_state, grads, value, extra = compute(
+                trainable, locked, model_state, micro_batch, jax.random.fold_in(rng, j), normalizer=share
             )
             grad_sum = jax.tree_util.tree_map(jnp.add, grad_sum, grads)
-            return (model_state, grad_sum), (loss, value, task.train_metrics(outputs, micro_batch["label"]))
+            return (model_state, grad_sum), (loss, value, {**task.batch_metrics(outputs, micro_batch), **extra})
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
         (model_state, grad_sum), (losses, penalties, metrics) = jax.lax.scan(

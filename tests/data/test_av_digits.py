@@ -239,3 +239,35 @@ def test_neither_modality_alone_is_near_perfect_but_fusion_helps(examples):
     assert 0.65 <= image_acc <= 0.9, image_acc
     assert 0.6 <= audio_acc <= 0.9, audio_acc
     assert fused_acc >= max(image_acc, audio_acc) + 0.05, (image_acc, audio_acc, fused_acc)
+
+
+def _tone_power(clip, digit):
+    """The share of the clip's spectral power within 20 Hz of digit `digit`'s shortcut tone."""
+    spectrum = np.abs(np.fft.rfft(np.asarray(clip, np.float64))) ** 2
+    freqs = np.fft.rfftfreq(len(clip), 1 / av_digits.SAMPLE_RATE)
+    near = np.abs(freqs - (400 + 300 * digit)) < 20
+    return spectrum[near].sum() / spectrum.sum()
+
+
+def test_imbalanced_variant_puts_a_digit_tone_on_training_clips_and_noise_on_held_out_ones(data_dir):
+    settings = av_digits.imbalance_settings({"cue_db": 10.0})
+    for split in ("train", "test"):
+        plain = tfds.data_source("av_digits", data_dir=data_dir, split=split)
+        changed = av_digits.ImbalancedSource(plain, split, settings)
+        for i in range(6):
+            before, after = plain[i], changed[i]
+            assert after["image_index"] == before["image_index"] and after["label"] == before["label"]
+            np.testing.assert_array_equal(after["audio"], changed[i]["audio"])  # deterministic per example
+            digit = int(before["label"])
+            other = (digit + 5) % 10
+            if split == "train":  # the tone of its own digit (10 dB down: ~0.09 of the power), not another digit's
+                assert _tone_power(after["audio"], digit) > _tone_power(before["audio"], digit) + 0.05
+                assert _tone_power(after["audio"], other) < _tone_power(before["audio"], other) + 0.01
+            else:  # no tone, extra noise: at -6..0 dB SNR the residual's power is at least the clip's
+                residual = after["audio"].astype(np.float64) - before["audio"]
+                assert np.mean(residual**2) >= 0.9 * np.mean(before["audio"].astype(np.float64) ** 2)
+                assert _tone_power(after["audio"], digit) < _tone_power(before["audio"], digit) + 0.01
+    with pytest.raises(ValueError, match="unknown key"):
+        av_digits.imbalance_settings({"cue_dB": 10})
+    with pytest.raises(ValueError, match="cue_fraction"):
+        av_digits.imbalance_settings({"cue_fraction": 2})

@@ -1,4 +1,9 @@
-"""MultimodalModel: one encoder per modality -> fusion -> head (the model of classification-style tasks)."""
+"""MultimodalModel: one encoder per modality -> fusion -> head (the model of classification-style tasks).
+
+With no extra heads the model returns its head's output (an array). With several task heads (multi-task), unimodal
+auxiliary heads or unimodal scores (gradient modulation) it returns a dict under the keys below, which the
+composed tasks (`mmjax.tasks.multitask`) and the train step read.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from mmjax.nn.common import config_context
+
+FUSED_OUTPUTS = "outputs"  # The fused head's output (a model with auxiliary heads or unimodal scores).
+TASK_OUTPUTS = "tasks"  # {task name: its head's output} (a multi-task model).
+AUX_OUTPUTS = "aux"  # {modality: its auxiliary head's output on that modality's pooled features}.
+UNIMODAL_OUTPUTS = "unimodal"  # {modality: fused head output with only that modality present} (training only).
+LOG_VARS = "log_vars"  # [T] learned log-variances of the tasks, sorted task order (uncertainty weighting).
 
 
 class MultimodalModel(nn.Module):
@@ -22,12 +33,27 @@ class MultimodalModel(nn.Module):
     Serial conditioning: when the fusion conditions an encoder (`conditions_encoders`, e.g. FiLM), the other
     modalities are encoded first, the fusion's `generate` turns their features (and the masks, modality dropout
     included) into the FiLM parameters of the target encoder, and the target is encoded with them.
+
+    Extra outputs (all off by default; then the output is the head's array, as always):
+
+    * `heads` ({task: head}, with `head=None`): one head per task on the same fused features; the output is
+      `{"tasks": {task: head output}}`, plus `"log_vars"` (`[T]` learned parameters `task_log_vars`, initialised
+      to 0) when `learned_log_vars` (uncertainty weighting, `mmjax.tasks.multitask`).
+    * `aux_heads` ({modality: head}): a head on each named modality's pooled encoder features (masked like the
+      fusion masks it: zero features where the modality is missing); output `{"outputs": fused, "aux": {m: ...}}`.
+    * `unimodal_scores` (training only): the fused head's output with only modality m present, for every m,
+      computed from the same encoder features with their gradient stopped and the head deterministic; the train
+      step's gradient modulation (OGM-GE, `mmjax.train.modulation`) reads it as `"unimodal"`.
     """
 
     encoders: Mapping[str, nn.Module]
     fusion: nn.Module
     head: nn.Module | None
     modality_dropout: float = 0.0
+    heads: Mapping[str, nn.Module] | None = None
+    aux_heads: Mapping[str, nn.Module] | None = None
+    unimodal_scores: bool = False
+    learned_log_vars: bool = False
 
     @nn.compact
     def __call__(self, batch: Mapping[str, jax.Array], *, train: bool) -> jax.Array:
@@ -52,10 +78,54 @@ class MultimodalModel(nn.Module):
                 masks = self._drop_modalities(masks, self._batch_size(batch))
         with config_context("model.fusion"):
             fused = self.fusion(features, masks=masks or None, train=train)
-        if self.head is None:
-            return fused
-        with config_context("model.head"):
-            return self.head(fused, train=train)
+        if self.heads is None and not self.aux_heads and not self.unimodal_scores:
+            if self.head is None:
+                return fused
+            with config_context("model.head"):
+                return self.head(fused, train=train)
+        return self._extra_outputs(fused, features, masks, batch, train)
+
+    def _extra_outputs(self, fused: jax.Array, features: dict, masks: dict, batch, train: bool) -> dict:
+        """The dict output of a model with task heads, auxiliary heads or unimodal scores (class docstring)."""
+        outputs: dict = {}
+        if self.heads is not None:
+            outputs[TASK_OUTPUTS] = {}
+            for name in sorted(self.heads):
+                with config_context(f"tasks.{name}.head"):
+                    outputs[TASK_OUTPUTS][name] = self.heads[name](fused, train=train)
+            if self.learned_log_vars:
+                outputs[LOG_VARS] = self.param("task_log_vars", nn.initializers.zeros, (len(self.heads),),
+                                               jnp.float32)
+        elif self.head is None:
+            outputs[FUSED_OUTPUTS] = fused
+        else:
+            with config_context("model.head"):
+                outputs[FUSED_OUTPUTS] = self.head(fused, train=train)
+        if self.aux_heads:
+            outputs[AUX_OUTPUTS] = {}
+            for m in sorted(self.aux_heads):
+                present = masks.get(m)
+                pooled = features[m].pooled
+                if present is not None:
+                    pooled = jnp.where(jnp.asarray(present)[:, None] > 0, pooled, 0)
+                with config_context(f"model.aux_heads.{m}"):
+                    outputs[AUX_OUTPUTS][m] = self.aux_heads[m](pooled, train=train)
+        if self.unimodal_scores and train:
+            outputs[UNIMODAL_OUTPUTS] = self._unimodal(features, masks, self._batch_size(batch))
+        return outputs
+
+    def _unimodal(self, features: dict, masks: dict, batch: int) -> dict[str, jax.Array]:
+        """The fused head's output with only modality m present (per m), from gradient-stopped features."""
+        frozen = jax.tree_util.tree_map(jax.lax.stop_gradient, features)
+        result = {}
+        for m in sorted(self.encoders):
+            only = {}
+            for other in sorted(self.encoders):
+                present = jnp.asarray(masks[other], jnp.float32) if other in masks else jnp.ones((batch,))
+                only[other] = present if other == m else jnp.zeros_like(present)
+            out = self.fusion(frozen, masks=only, train=False)
+            result[m] = out if self.head is None else self.head(out, train=False)
+        return result
 
     def encode(self, batch: Mapping[str, jax.Array], *, train: bool = False) -> dict[str, jax.Array]:
         """Each modality's pooled encoder features `[B, D]` (before fusion), e.g. for classical baselines; with a
