@@ -109,6 +109,7 @@ import tensorflow_datasets as tfds
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from mmjax.data.core import Dataset, build_on_process_zero
+from mmjax.data.raw_inputs import RawInput
 from mmjax.data.tfds_builder import OfflineBuilder, prepare, split_sizes
 from mmjax.data.tokenization import SPECIAL_TOKENS, TokenizerSource, as_text, encode_texts, tokenizer_from
 from mmjax.registry import DATASETS
@@ -823,6 +824,11 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     prompt_ids = encode_texts(
         _source(preprocess.tokenizer), [p for per_class in prompts for p in per_class], preprocess.max_len
     )
+    size = int(builder.info.features["image"].shape[0])
+    inputs = {  # One raw image / caption, as `preprocess` treats them (x / 127.5 - 1 is `normalize`, to the bit).
+        "image": RawInput("image", f"decode|resize({size})|normalize"),
+        "text": RawInput("text", tokenizer=_source(preprocess.tokenizer), max_len=preprocess.max_len),
+    }
     return Dataset(
         name="shapes_captions",
         source=lambda split: ShapesSource(builder.as_data_source(split=split)),
@@ -834,4 +840,5 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
         task="contrastive",
         augment=ShapesCaptionsAugment(),
         class_prompts=prompt_ids.reshape(len(prompts), len(prompts[0]), -1),
+        inputs=inputs,
     )
