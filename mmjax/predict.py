@@ -101,9 +101,8 @@ class Predictor:
             if step != "best" or "best" not in str(error):
                 raise
             reporting.console(f"{workdir}: {error}; using the latest checkpoint")
-            step = "latest"
-            setup, state = load_trained(workdir, step)
-        return cls(setup, state, batch_size=batch_size, workdir=workdir, step=step)
+            setup, state = load_trained(workdir, "latest")
+        return cls(setup, state, batch_size=batch_size, workdir=workdir, step=int(state.step))
 
     # ------------------------------------------------------------------------------------------- in memory
 

@@ -204,9 +204,10 @@ class RawInput:
     def spec(self, tokenizer_file: str | None = None) -> dict[str, Any]:
         """JSON description: `from_spec(spec, directory)` rebuilds this preprocessing when the tokenizer (if any)
         is saved as `directory/tokenizer_file` (`save_tokenizer`)."""
-        return {"modality": self.modality, "chain": self.chain, "sample_rate": self.sample_rate,
-                "tokenizer": tokenizer_file if self.tokenizer is not None else None, "max_len": self.max_len,
-                "context_length": self.context_length()}
+        evaluation = "|".join(str(op) for op in (*self.plan.prefix, *self.plan.eval_suffix)) if self.plan else ""
+        return {"modality": self.modality, "chain": self.chain, "evaluation_chain": evaluation,
+                "sample_rate": self.sample_rate, "tokenizer": tokenizer_file if self.tokenizer is not None else None,
+                "max_len": self.max_len, "context_length": self.context_length()}
 
     def save_tokenizer(self, path: str) -> bool:
         """Writes the dataset's tokenizer as tokenizer.json at `path` (False when this input has none)."""

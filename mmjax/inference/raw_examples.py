@@ -140,10 +140,12 @@ class Preparer:
         self.optional = tuple(m for m in self.modalities if mask_key(m) in self.spec)
         self.notes: dict[str, str] = {}
 
-    def check_columns(self, manifest: Manifest, *, need: Sequence[str] | None = None) -> None:
-        """Refuses a manifest with a column of a modality the model never had, or without a column the model
-        needs (`need`, default: every modality the model cannot do without)."""
-        foreign = [m for m in manifest.modalities if m not in self.model_modalities]
+    def check_columns(self, manifest: Manifest, *, need: Sequence[str] | None = None, foreign: bool = False
+                      ) -> None:
+        """Refuses a manifest with a column of a modality the model never had (unless `foreign`: a collection's
+        other columns are metadata), or without a column the model needs (`need`, default: every modality the
+        model cannot do without)."""
+        foreign = [] if foreign else [m for m in manifest.modalities if m not in self.model_modalities]
         if foreign:
             raise build.ManifestError(
                 f"manifest {manifest.path}: column {manifest.columns[foreign[0]]!r} is {foreign[0]}, a modality this "

@@ -111,11 +111,15 @@ def check_dataset(config: ml_collections.ConfigDict, dataset: Dataset) -> None:
             f"--config.model.num_classes={dataset.num_classes})"
         )
     wanted = [("data.train_split", config.data.train_split), *(("eval.splits", k) for k in config.eval.splits)]
+    evaluable = [k for k in config.eval.splits if dataset.splits.get(k)] or [
+        k for k in ("validation", "test") if dataset.splits.get(k)]
     for where, key in wanted:
         if key not in dataset.splits:
+            fix = (f" (e.g. --config.eval.splits={','.join(evaluable)})" if where == "eval.splits" and evaluable
+                   else "")
             problems.append(
                 f"split {key!r} is not in dataset {dataset.name!r} (config {where}); splits: "
-                f"{sorted(dataset.splits)}.{closest(key, dataset.splits)}"
+                f"{sorted(dataset.splits)}.{closest(key, dataset.splits)}{fix}"
             )
         elif dataset.splits[key] == 0:
             problems.append(f"split {key!r} of dataset {dataset.name!r} is empty (config {where}): 0 examples")
@@ -141,8 +145,8 @@ def _vocabulary_problems(config: ml_collections.ConfigDict, dataset: Dataset) ->
         return []
     if vocabulary is None or vocabulary <= size:
         return []
-    return [f"config model.encoders.text.vocab_size={size} but dataset {dataset.name!r}'s tokenizer has {vocabulary} "
-            f"tokens: ids >= {size} would read past the embedding table (set "
+    return [f"config model.encoders.text.vocab_size={size} but the tokenizer of dataset {dataset.name!r} has "
+            f"{vocabulary} tokens: ids >= {size} would read past the embedding table (set "
             f"--config.model.encoders.text.vocab_size={vocabulary})"]
 
 
