@@ -99,6 +99,7 @@ import functools
 import io
 import itertools
 import json
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -754,6 +755,41 @@ def class_prompts(templates: Sequence[str] = ZERO_SHOT_TEMPLATES) -> list[list[s
 def colour_prompts(templates: Sequence[str] = COLOUR_TEMPLATES) -> list[list[str]]:
     """Zero-shot prompts for ``colour``: per colour (COLOURS order), one prompt per template."""
     return [[t.format(colour) for t in templates] for colour in COLOURS]
+
+
+def write_files(data_dir: str | None, split: str, folder: str) -> tuple[str, str]:
+    """Writes a split as your own files would be: ``images/<i>.png`` (lossless: they decode to the stored pixels)
+    and two manifests, for ``python -m mmjax.search`` (README "Using a trained model"):
+
+    * ``collection.csv``: ``image``, ``id`` (the example's index), ``caption`` (the first true caption),
+      ``captions`` (all of them, " | "-joined), ``label`` (the subject's shape);
+    * ``queries.csv``: ``text``, ``id``: every true caption of every image (``CAPTIONS_PER_SCENE`` per image), with
+      the id of its image. Its recall@K through the search index is the evaluator's text->image recall@K.
+
+    Returns the two manifests' paths. ``data_dir``: where the dataset is (built there if it is not).
+    """
+    import csv
+
+    from PIL import Image
+
+    builder = build(data_dir)
+    if split not in split_sizes(builder):
+        raise ValueError(f"shapes_captions has no split {split!r}; splits: {sorted(split_sizes(builder))}")
+    source = ShapesSource(builder.as_data_source(split=split))
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    collection, queries = os.path.join(folder, "collection.csv"), os.path.join(folder, "queries.csv")
+    with open(collection, "w", newline="") as c, open(queries, "w", newline="") as q:
+        items, texts = csv.writer(c), csv.writer(q)
+        items.writerow(["image", "id", "caption", "captions", "label"])
+        texts.writerow(["text", "id"])
+        for index in range(len(source)):
+            example = source[index]
+            path = f"images/{index:05d}.png"
+            Image.fromarray(example["image"]).save(os.path.join(folder, path))
+            items.writerow([path, index, example["captions"][0], " | ".join(example["captions"]),
+                            SHAPES[example["label"]]])
+            texts.writerows([caption, index] for caption in example["captions"])
+    return collection, queries
 
 
 # --------------------------------------------------------------------------------------------- dataset entry

@@ -176,10 +176,10 @@ class Runner:
     def _stop_at_first_error(failed: Mapping[int, ValueError], prepare: Callable[[int], Any]) -> None:
         """Every process learns the first bad row of this batch and raises its error (a process that did not
         prepare that row reads it again, to give the same message)."""
-        none = np.iinfo(np.int64).max
+        none = np.iinfo(np.int32).max  # JAX gathers 32-bit integers (without x64).
         first = min(failed, default=none)
         if jax.process_count() > 1:
-            first = int(np.min(multihost_utils.process_allgather(np.asarray([first], np.int64))))
+            first = int(np.min(multihost_utils.process_allgather(np.asarray([first], np.int32))))
         if first == none:
             return
         if first in failed:

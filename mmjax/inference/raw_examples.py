@@ -184,6 +184,10 @@ class Preparer:
     def __call__(self, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """`{modality: raw value or None}` -> model inputs (raises ValueError with the reason)."""
         out: dict[str, np.ndarray] = {}
+        foreign = [m for m in MODALITIES if values.get(m) is not None and m not in self.model_modalities]
+        if foreign:
+            raise ValueError(f"the model has no {foreign[0]!r} input (its inputs: "
+                             f"{', '.join(self.model_modalities)})")
         reasons = []
         for modality in self.modalities:
             value = values.get(modality)
