@@ -83,8 +83,9 @@ class Searcher:
                 f"{', '.join(self.towers)}; query with --{' / --'.join(self.towers)}"
             )
         if model_kind(self.predictor.setup.model) == "features" and modality != self.index.modality:
+            article = "an" if modality[0] in "aeiou" else "a"
             raise IndexError_(
-                f"a {modality} query cannot search {self.index.modality} features: this index holds the pooled "
+                f"{article} {modality} query cannot search {self.index.modality} features: this index holds the pooled "
                 f"features of a fusion model's {self.index.modality} encoder, which only compare with "
                 f"{self.index.modality} queries (a dual encoder's towers compare across modalities)"
             )
