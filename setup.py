@@ -33,6 +33,8 @@ setup(
         "tokenizers>=0.21,<0.24",
         "safetensors>=0.5,<0.9",
         "flatbuffers>=24.3,<26",  # jax.export serialization (python -m mmjax.export); 25.12.19 tested.
+        "optuna>=5.1,<6",  # Parallel sweeps (mmjax.sweep.study) on a SQLite / SQLAlchemy study; 5.1.0 tested.
+        "submitit>=1.5,<2",  # SLURM jobs with requeue on pre-emption (mmjax.launch); 1.5.4 tested.
     ],
     extras_require={
         # -n auto: one worker per core; lint-imports checks the layers (.importlinter), ruff the style (ruff.toml).

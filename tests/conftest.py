@@ -50,6 +50,14 @@ def tiny_overrides(data_dir: str, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
+def cpu_env(devices: int) -> dict:
+    """The environment of a subprocess run on `devices` simulated CPU devices, with mmjax's XLA flags."""
+    from mmjax import runtime
+
+    flags = runtime.xla_flags(f"--xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+
+
 # Tiny trained workdirs (tests/trained_workdirs.py), each trained once per session, for predict, search and export.
 @pytest.fixture(scope="session")
 def classifier_workdir(tmp_path_factory):

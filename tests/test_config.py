@@ -121,7 +121,7 @@ def test_base_config_holds_every_sections_defaults():
     assert set(base.data) == {"data_dir", "train_split", "batch_size", "eval_batch_size", "num_threads", "num_workers",
                               "prefetch", "cache_in_memory"}
     assert set(base.optimizer) == {"name", "lr", "schedule", "warmup_steps", "end_lr_factor", "weight_decay", "b1",
-                                   "b2", "momentum", "nesterov", "grad_clip_norm"}
+                                   "b2", "momentum", "nesterov", "grad_clip_norm", "l1", "l2", "l1_params", "l2_params"}
     assert set(base.train) == {"num_steps", "log_every_steps", "eval_every_steps", "frozen", "init_from",
                                "grad_accum_steps"}
     assert set(base.mesh) == {"fsdp", "fsdp_min_size"} and set(base.eval) == {"splits"}

@@ -32,9 +32,12 @@ def macro_f1_present(f1: np.ndarray, support: np.ndarray, predicted: np.ndarray)
 
 def roc_auc(labels: np.ndarray, probabilities: np.ndarray) -> float | None:
     """Macro one-vs-rest ROC-AUC of integer `labels [N]` scored by `probabilities [N, C]` (binary AUC for C = 2),
-    over the classes that have both positive and negative examples; None when no class has."""
+    over the classes that have both positive and negative examples; None when no class has. Non-finite scores (a
+    diverged model) give NaN, as its loss does, rather than stop the evaluation."""
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities, np.float64)
+    if not np.isfinite(probabilities).all():
+        return float("nan")
     num_classes = probabilities.shape[1]
     if num_classes == 2:
         classes = [1]  # The one-vs-rest AUC of class 0, scored by 1 - p(1), is the same number.

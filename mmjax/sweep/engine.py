@@ -105,7 +105,10 @@ def build_sweep(args: argparse.Namespace, fixed: list[str]) -> Sweep:
     for g in grids:
         if g.key in fixed_keys:
             raise SweepError(f"config key {g.key!r} is set by both --grid and --config.{g.key}; keep one")
-    trials = make_trials(grids, config, args.random, args.seed)
+    if getattr(args, "backend", "serial") == "optuna":
+        trials = _optuna_trials(args, grids, config)
+    else:
+        trials = make_trials(grids, config, args.random, args.seed)
     checkpoint = config.get("checkpoint") or {}
     metric = args.metric or checkpoint.get("best_metric")
     if not metric:
@@ -115,12 +118,30 @@ def build_sweep(args: argparse.Namespace, fixed: list[str]) -> Sweep:
         raise SweepError(f"--metric {metric!r}: expected SPLIT/NAME, e.g. validation/accuracy")
     mode = args.mode or (checkpoint.get("best_mode", "max") if metric == checkpoint.get("best_metric")
                          else default_mode(metric))
-    for trial in trials:
+    for trial in trials or [Trial(1, "", (), {})]:  # Sampled (optuna) trials: the base config's splits.
         splits = (config_lib.apply_overrides(config, trial.overrides).get("eval") or {}).get("splits")
         if splits is not None and split not in splits:
             raise SweepError(f"--metric {metric}: split {split!r} is not evaluated (eval.splits={list(splits)}"
                              f"{' in trial ' + str(trial.index) if len(trials) > 1 else ''})")
     return Sweep(base, grids, args.random, args.seed, fixed, args.preset, metric, mode, config, trials)
+
+
+def _optuna_trials(args: argparse.Namespace, grids: list[Grid], config) -> list[Trial]:
+    """The grid sampler's trials (the product, as the serial sweep's); none for the sampling ones (optuna draws
+    them while the sweep runs), whose grids are checked here."""
+    if args.random is not None:
+        raise SweepError("--random is the serial sweep's sampling; with --backend optuna use --sampler random "
+                         "--trials N (or --sampler tpe)")
+    if args.sampler == "grid":
+        continuous = [g.text for g in grids if g.distribution]
+        if continuous:
+            raise SweepError(f"--grid {continuous[0]!r} is a distribution: the grid sampler needs lists; use "
+                             "--sampler random or tpe with --trials N")
+        return make_trials(grids, config)
+    keys = [g.key for g in grids]
+    if len(set(keys)) != len(keys):
+        raise SweepError(f"a key has two --grid arguments: {sorted(k for k in keys if keys.count(k) > 1)[0]}")
+    return []
 
 
 def _load_record(workdir: str) -> dict | None:
@@ -138,6 +159,9 @@ def check_workdir(sweep: Sweep, workdir: str) -> dict | None:
         if os.path.isdir(workdir) and any(n.startswith("trial_") for n in os.listdir(workdir)):
             raise SweepError(f"workdir {workdir} holds trial directories but no {SWEEP_FILENAME}; use a new --workdir")
         return None
+    if saved.get("backend") == "optuna":
+        raise SweepError(f"workdir {workdir} holds a sweep on an optuna study; join it with:\n  "
+                         f"{saved.get('command', '?')}")
     now = config_lib.normalize(sweep.definition())
     before = saved.get("definition", {})
     diffs = [f"{k}: saved {before.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(before) | set(now))
@@ -156,7 +180,7 @@ def check_workdir(sweep: Sweep, workdir: str) -> dict | None:
     return saved
 
 
-class _Record:
+class Record:
     """sweep.json: definition, trials (overrides, status, result rows) and the leaderboard; process 0 writes."""
 
     def __init__(self, sweep: Sweep, workdir: str, saved: dict | None):
@@ -175,7 +199,7 @@ class _Record:
     def leaderboard(self) -> list[dict]:
         return rank(self.trials, self.sweep.metric, self.sweep.mode)
 
-    def save(self) -> None:
+    def save(self, extra: dict | None = None) -> None:
         from mmjax import reporting  # Imports JAX: only once running, after the CLI's re-exec (see cli.start).
 
         if not reporting.is_primary():
@@ -189,6 +213,7 @@ class _Record:
             "config": self.sweep.config.to_dict(),
             "trials": self.trials,
             "leaderboard": self.leaderboard(),
+            **(extra or {}),
         }
         path = os.path.join(self.workdir, SWEEP_FILENAME)
         with open(path + ".tmp", "w") as f:
@@ -210,6 +235,27 @@ class _Record:
                 plot_leaderboard(rows, self.sweep.grids, self.sweep.metric,
                                  os.path.join(self.workdir, "leaderboard.png"), title)
         return table
+
+
+    def finish(self) -> dict[str, Any]:
+        """Writes and prints the final leaderboard and the best trial's command; `run_sweep`'s result."""
+        from mmjax import reporting
+
+        sweep = self.sweep
+        table = self.write_leaderboard(plot=True)
+        leaderboard = self.leaderboard()
+        reporting.console(f"\nsweep of {sweep.base} ({sweep.mode} {sweep.metric}), {self.workdir}/leaderboard.md:"
+                          f"\n{table}")
+        best = leaderboard[0] if leaderboard and leaderboard[0]["metric"] is not None else None
+        if best:
+            trial = next(t for t in self.trials if t["index"] == best["trial"])
+            values = " ".join(f"{k}={show(v)}" for k, v in trial["values"].items())
+            reporting.console(
+                f"best: trial {best['trial']} {values}" + (f" [{best['variant']}]" if best["variant"] else "")
+                + f", {sweep.metric} {best['metric']:.4f}; its config: "
+                + shlex.join(experiment.command(sweep.base, "DIR", [*sweep.fixed, *trial["overrides"]], sweep.preset,
+                                                python="python")))
+        return {"leaderboard": leaderboard, "trials": self.trials, "best": best}
 
 
 _ABSENT = "<absent>"
@@ -247,7 +293,7 @@ def run_sweep(sweep: Sweep, workdir: str, saved: dict | None = None) -> dict[str
 
     workdir = os.path.abspath(workdir)
     run = experiment.runner(experiment.load(sweep.base))
-    record = _Record(sweep, workdir, saved)
+    record = Record(sweep, workdir, saved)
     record.save()
     total = len(sweep.trials)
     reporting.console(f"sweep of {sweep.base}: {total} trial(s), ranked by {sweep.mode} {sweep.metric} | {workdir}")
@@ -292,15 +338,4 @@ def run_sweep(sweep: Sweep, workdir: str, saved: dict | None = None) -> dict[str
             raise SweepError(f"--metric {sweep.metric} is not in trial {trial.index}'s results (split {split!r} has: "
                              f"{', '.join(available) or 'nothing'}; splits: {sorted(rows[0]['splits'])}). Re-run "
                              "with another --metric: finished trials are kept")
-    table = record.write_leaderboard(plot=True)
-    leaderboard = record.leaderboard()
-    reporting.console(f"\nsweep of {sweep.base} ({sweep.mode} {sweep.metric}), {workdir}/leaderboard.md:\n{table}")
-    best = leaderboard[0] if leaderboard and leaderboard[0]["metric"] is not None else None
-    if best:
-        trial = sweep.trials[best["trial"] - 1]
-        reporting.console(
-            f"best: trial {best['trial']} {trial.describe()}" + (f" [{best['variant']}]" if best["variant"] else "")
-            + f", {sweep.metric} {best['metric']:.4f}; its config: "
-            + shlex.join(experiment.command(sweep.base, "DIR", [*sweep.fixed, *trial.overrides], sweep.preset,
-                                            python="python")))
-    return {"leaderboard": leaderboard, "trials": record.trials, "best": best}
+    return record.finish()

@@ -247,15 +247,17 @@ def make_trials(grids: Sequence[Grid], config: ml_collections.ConfigDict, random
             combos = [product[i] for i in rng.choice(len(product), size=random, replace=False)]
         else:
             combos = [tuple(g.sample(rng) for g in grids) for _ in range(random)]
-    short = _short_keys(keys)
     width = max(3, len(str(len(combos))))
-    trials = []
-    for index, combo in enumerate(combos, 1):
-        overrides = tuple(f"{k}={v}" for k, v in zip(keys, combo, strict=True))
-        try:
-            resolved = config_lib.apply_overrides(config, overrides)
-        except config_lib.ConfigError as error:
-            raise SweepError(f"trial {index} ({' '.join(overrides)}): {error}") from None
-        values = {k: config_lib.normalize(value_at(resolved, k)) for k in keys}
-        trials.append(Trial(index, trial_name(index, values, short, width), overrides, values))
-    return trials
+    return [make_trial(index, keys, combo, config, width) for index, combo in enumerate(combos, 1)]
+
+
+def make_trial(index: int, keys: Sequence[str], texts: Sequence[str], config: ml_collections.ConfigDict,
+               width: int = 3) -> Trial:
+    """Trial `index` setting each of `keys` to its override text in `texts`, checked against `config`."""
+    overrides = tuple(f"{k}={v}" for k, v in zip(keys, texts, strict=True))
+    try:
+        resolved = config_lib.apply_overrides(config, overrides)
+    except config_lib.ConfigError as error:
+        raise SweepError(f"trial {index} ({' '.join(overrides)}): {error}") from None
+    values = {k: config_lib.normalize(value_at(resolved, k)) for k in keys}
+    return Trial(index, trial_name(index, values, _short_keys(keys), width), overrides, values)

@@ -14,12 +14,29 @@ early is finished, and resuming it trains nothing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from mmjax.checks import is_int
 
 KEY = "early_stopping_patience"
+
+# Rules besides the patience that may end a run at an evaluation: (step, flat SPLIT/METRIC values) -> the reason to
+# stop, or None. A sweep's pruner is one (mmjax.sweep.study); runs started inside `stop_rules` use them.
+StopRule = Callable[[int, Mapping[str, float]], "str | None"]
+_RULES: list[StopRule] = []
+
+
+@contextlib.contextmanager
+def stop_rules(*rules: StopRule) -> Iterator[None]:
+    """Runs started inside this block also stop when one of `rules` gives a reason at an evaluation."""
+    _RULES.extend(rules)
+    try:
+        yield
+    finally:
+        for rule in rules:
+            _RULES.remove(rule)
 
 
 def patience(config) -> int:
@@ -45,10 +62,11 @@ class EarlyStopping:
         self.best_step: int | None = saved.get("best_step")
         self.since_best = int(saved.get("since_best", 0))
         self.stopped: dict[str, Any] | None = saved.get("stopped")
+        self.rules = tuple(_RULES)
 
     @property
     def active(self) -> bool:
-        return self.patience > 0
+        return self.patience > 0 or bool(self.rules)
 
     def _improves(self, value: float) -> bool:
         if self.best is None:
@@ -58,7 +76,13 @@ class EarlyStopping:
     def update(self, step: int, metrics: Mapping[str, float], last_step: int) -> bool:
         """Takes the evaluation of `step` (flat `SPLIT/METRIC` values); True when the run should stop here, before
         `last_step` (patience exhausted)."""
-        if not self.active or self.metric not in metrics:
+        if step < last_step:
+            for rule in self.rules:
+                reason = rule(step, metrics)
+                if reason:
+                    self.stopped = {"step": step, "reason": reason}
+                    return True
+        if not self.patience or self.metric not in metrics:
             return False
         value = float(metrics[self.metric])
         if self._improves(value):
@@ -80,5 +104,7 @@ class EarlyStopping:
 
     def message(self) -> str:
         s = self.stopped
+        if "reason" in s:
+            return f"stopped at step {s['step']}: {s['reason']}"
         return (f"early stopping at step {s['step']}: {s['metric']} has not improved for {s['patience']} "
                 f"evaluation(s); best {s['best']:.4f} at step {s['best_step']} (its checkpoint is kept as the best)")

@@ -14,6 +14,8 @@ data pipeline reads, see `mmjax.data.pipeline`).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -58,34 +60,104 @@ def _timeout_from_env(name: str, default: int) -> int:
     return int(value)
 
 
-def initialize_distributed(
-    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
-) -> bool:
-    """Calls `jax.distributed.initialize` when this process is one of several; returns whether it did.
+# JAX's cluster environments (`jax.distributed.initialize()` detects them) and the name printed for each.
+CLUSTER_NAMES = {"slurm": "SLURM", "ompi": "Open MPI", "gcetpu": "TPU pod (GCE)", "gketpu": "TPU pod (GKE)",
+                 "tpu": "TPU pod", "k8s": "Kubernetes"}
 
-    Arguments default to the MMJAX_* environment variables. With none given, nothing happens (one process).
-    On CPU the cross-process collectives use gloo. If a process dies, the others exit within about
-    `DEFAULT_HEARTBEAT_TIMEOUT_S` seconds with an error naming the dead process (see the constants above).
+
+@dataclasses.dataclass(frozen=True)
+class ProcessGroup:
+    """How this process joins a multi-process run: from flags, MMJAX_* variables or a detected cluster."""
+
+    source: str  # "command-line flags", "MMJAX_* environment variables", or the detected cluster's name.
+    coordinator_address: str
+    num_processes: int
+    process_id: int
+    local_device_ids: tuple[int, ...] | None = None  # None: every local device (one process per host).
+
+    def describe(self) -> str:
+        devices = "every local device" if self.local_device_ids is None else f"local devices {self.local_device_ids}"
+        return (f"multi-process run from {self.source}: process {self.process_id} of {self.num_processes}, "
+                f"coordinator {self.coordinator_address}, {devices}")
+
+
+def detect_cluster():
+    """The cluster environment JAX's auto-detection would use here (SLURM, Open MPI, TPU pods, Kubernetes), or
+    None. Opt-in-only detectors (mpi4py) are left out, as `jax.distributed.initialize()` leaves them out."""
+    from jax._src import clusters  # JAX's own detectors (ClusterEnv subclasses); not exported publicly.
+
+    return next((env for env in clusters.ClusterEnv._cluster_types
+                 if not env.opt_in_only_method and env.is_env_present()), None)
+
+
+def _tasks_on_this_node() -> int:
+    """How many processes the cluster started on this host (1 when it does not say)."""
+    for name in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        value = os.environ.get(name, "")
+        digits = "".join(itertools.takewhile(str.isdigit, value))
+        if digits:
+            return int(digits)
+    return 1
+
+
+def process_group(coordinator_address: str | None = None, num_processes: int | None = None,
+                  process_id: int | None = None) -> ProcessGroup | None:
+    """This process's place in a multi-process run, or None for a single process.
+
+    Explicit values (the command line's flags) win, then the MMJAX_* variables, then a cluster environment
+    detected the way `jax.distributed.initialize()` does. A detected cluster of one process is a single process.
+    mmjax runs one process per host with every local device; where the cluster started several processes on a
+    host, each takes the device of its local rank (as JAX's own detection does).
     """
+    explicit = (coordinator_address, num_processes, process_id)
+    source = "command-line flags" if any(v is not None for v in explicit) else "MMJAX_* environment variables"
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR)
     if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
         num_processes = int(os.environ[ENV_NUM_PROCESSES])
     if process_id is None and os.environ.get(ENV_PROCESS_ID):
         process_id = int(os.environ[ENV_PROCESS_ID])
-    if not coordinator_address:
-        if num_processes not in (None, 1) or process_id not in (None, 0):
-            raise ValueError("a multi-process run needs a coordinator address (--coordinator_address HOST:PORT)")
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise ValueError("a multi-process run needs --num_processes and --process_id with --coordinator_address")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")
+        return ProcessGroup(source, coordinator_address, num_processes, process_id)
+    if num_processes not in (None, 1) or process_id not in (None, 0):
+        raise ValueError("a multi-process run needs a coordinator address (--coordinator_address HOST:PORT)")
+    if num_processes == 1:
+        return None  # Asked for one process: a cluster environment around it is not joined.
+    env = detect_cluster()
+    if env is None or env.get_process_count() <= 1:
+        return None
+    port = os.environ.get("JAX_COORDINATOR_PORT")
+    coordinator = env.get_coordinator_address(timeout_secs=_timeout_from_env(ENV_INIT_TIMEOUT, DEFAULT_INIT_TIMEOUT_S),
+                                              override_coordinator_port=port)
+    local = env.get_local_process_id() if _tasks_on_this_node() > 1 else None
+    return ProcessGroup(CLUSTER_NAMES.get(env.name, env.name), coordinator, env.get_process_count(),
+                        env.get_process_id(), None if local is None else (int(local),))
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> bool:
+    """Calls `jax.distributed.initialize` when this process is one of several (see `process_group`); returns
+    whether it did, after printing the line that says how the run was joined.
+
+    On CPU the cross-process collectives use gloo. If a process dies, the others exit within about
+    `DEFAULT_HEARTBEAT_TIMEOUT_S` seconds with an error naming the dead process (see the constants above).
+    """
+    group = process_group(coordinator_address, num_processes, process_id)
+    if group is None:
         return False
-    if num_processes is None or process_id is None:
-        raise ValueError("a multi-process run needs --num_processes and --process_id with --coordinator_address")
-    if not 0 <= process_id < num_processes:
-        raise ValueError(f"process_id {process_id} is not in [0, {num_processes})")
+    print(group.describe(), flush=True)
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
+        group.coordinator_address,
+        num_processes=group.num_processes,
+        process_id=group.process_id,
+        local_device_ids=None if group.local_device_ids is None else list(group.local_device_ids),
+        cluster_detection_method="deactivate",  # Resolved above; JAX would otherwise pick one device per process.
         initialization_timeout=_timeout_from_env(ENV_INIT_TIMEOUT, DEFAULT_INIT_TIMEOUT_S),
         heartbeat_timeout_seconds=_timeout_from_env(ENV_HEARTBEAT_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT_S),
         shutdown_timeout_seconds=_timeout_from_env(ENV_SHUTDOWN_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT_S),

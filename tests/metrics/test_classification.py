@@ -45,6 +45,13 @@ def test_roc_auc_binary_and_macro_one_vs_rest_match_sklearn():
     assert m["roc_auc"] == pytest.approx(expected) and m["undefined"] == []
 
 
+def test_roc_auc_of_non_finite_scores_is_nan_not_an_error():
+    labels = np.array([0, 1, 0, 1])
+    probabilities = np.array([[0.9, 0.1], [np.nan, np.nan], [0.6, 0.4], [0.2, 0.8]])
+    assert np.isnan(roc_auc(labels, probabilities))
+    assert roc_auc(labels, np.nan_to_num(probabilities, nan=0.5)) == pytest.approx(1.0)
+
+
 def test_roc_auc_is_undefined_not_an_error_when_the_split_has_one_class():
     labels = np.zeros(5, int)
     probabilities = np.full((5, 3), 1 / 3)

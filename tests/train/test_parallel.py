@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from mmjax import config as config_lib
-from mmjax import runtime
-from mmjax.train import loop, preemption
-from tests.conftest import REPO_ROOT, tiny_overrides
+from mmjax.train import loop, parallel, preemption
+from tests.conftest import REPO_ROOT, cpu_env, tiny_overrides
 from tests.train.test_loop import tiny_config
 
 
@@ -23,13 +22,6 @@ def experiment_command(workdir, data_dir, *extra_args, **overrides):
     overrides.setdefault("variants", "early")
     args = [f"--config.{o}" for o in tiny_overrides(data_dir, **overrides)]
     return [sys.executable, "-m", "experiments.av_digits", "--workdir", workdir, *args, *extra_args]
-
-
-def cpu_env(devices):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = runtime.xla_flags(f"--xla_force_host_platform_device_count={devices}")
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
 def records(workdir, split):
@@ -51,17 +43,25 @@ def eight_devices(av_digits_dir, tmp_path_factory):
     return workdir
 
 
-def run_two_processes(workdir, data_dir, **overrides):
-    """The tiny experiment as 2 processes x 4 devices (gloo collectives); returns process 0's output."""
+def slurm_env(process_id, port, tasks=2):
+    """What `srun --nodes=2 --ntasks-per-node=1` sets (the variables JAX's SLURM detection reads), on one host."""
+    return {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost", "SLURM_NTASKS": str(tasks),
+            "SLURM_PROCID": str(process_id), "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "1",
+            "JAX_COORDINATOR_PORT": str(port)}
+
+
+def run_two_processes(workdir, data_dir, slurm=False, **overrides):
+    """The tiny experiment as 2 processes x 4 devices (gloo collectives), started by flags or (`slurm`) by a
+    simulated SLURM environment; returns process 0's output."""
     port = free_port()
-    procs = [
-        subprocess.Popen(
-            experiment_command(workdir, data_dir, f"--coordinator_address=127.0.0.1:{port}",
-                               "--num_processes=2", f"--process_id={i}", **overrides),
-            env=cpu_env(4), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for i in range(2)
-    ]
+
+    def start(i):
+        flags = [] if slurm else [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
+        env = {**cpu_env(4), **(slurm_env(i, port) if slurm else {})}
+        return subprocess.Popen(experiment_command(workdir, data_dir, *flags, **overrides), env=env, cwd=REPO_ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    procs = [start(i) for i in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
@@ -77,9 +77,12 @@ def test_one_device_eight_devices_and_two_processes_agree(av_digits_dir, eight_d
 
     two = str(tmp_path / "two")
     run_two_processes(two, av_digits_dir)
+    slurm = str(tmp_path / "slurm")
+    output = run_two_processes(slurm, av_digits_dir, slurm=True)
+    assert "multi-process run from SLURM: process 0 of 2, coordinator localhost:" in output
 
     reference = records(eight, "train")
-    for other in (os.path.join(one, "early"), os.path.join(two, "early")):
+    for other in (os.path.join(one, "early"), os.path.join(two, "early"), os.path.join(slurm, "early")):
         train = records(other, "train")
         assert [r["step"] for r in train] == [r["step"] for r in reference]
         np.testing.assert_allclose([r["loss"] for r in train], [r["loss"] for r in reference], rtol=1e-4)
@@ -126,3 +129,39 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(av_digits_dir, tmp_path):
     steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "early", "checkpoints")) if n.isdigit())
     last_logged = records(os.path.join(workdir, "early"), "train")[-1]["step"]
     assert steps and steps[-1] >= last_logged >= 3
+
+
+@pytest.mark.parametrize("env, flags, expected", [
+    ({}, {}, None),  # No cluster, no flags: one process.
+    (slurm_env(1, 5555), {}, ("SLURM", "localhost:5555", 2, 1, None)),
+    ({**slurm_env(1, 5555), "SLURM_STEP_TASKS_PER_NODE": "2"}, {}, ("SLURM", "localhost:5555", 2, 1, (0,))),
+    (slurm_env(0, 5555, tasks=1), {}, None),  # A one-task job stays a single process.
+    (slurm_env(1, 5555), {"num_processes": 1}, None),  # Asked for one process: the cluster is not joined.
+    (slurm_env(1, 5555), {"coordinator_address": "h:1", "num_processes": 4, "process_id": 3},
+     ("command-line flags", "h:1", 4, 3, None)),  # Flags win over the detected environment.
+    ({"MMJAX_COORDINATOR_ADDRESS": "m:2", "MMJAX_NUM_PROCESSES": "3", "MMJAX_PROCESS_ID": "2", **slurm_env(1, 5555)},
+     {}, ("MMJAX_* environment variables", "m:2", 3, 2, None)),
+])
+def test_process_group_from_flags_variables_or_a_detected_cluster(monkeypatch, env, flags, expected):
+    for name in [n for n in os.environ if n.startswith(("SLURM_", "OMPI_", "MMJAX_", "JAX_COORDINATOR"))]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    group = parallel.process_group(**flags)
+    if expected is None:
+        assert group is None
+    else:
+        assert (group.source, group.coordinator_address, group.num_processes, group.process_id,
+                group.local_device_ids) == expected
+        assert f"process {group.process_id} of {group.num_processes}" in group.describe()
+
+
+def test_incomplete_or_contradictory_flags_are_refused(monkeypatch):
+    for name in [n for n in os.environ if n.startswith(("SLURM_", "MMJAX_"))]:
+        monkeypatch.delenv(name)
+    with pytest.raises(ValueError, match="needs --num_processes and --process_id with --coordinator_address"):
+        parallel.process_group(coordinator_address="h:1")
+    with pytest.raises(ValueError, match="needs a coordinator address"):
+        parallel.process_group(num_processes=2, process_id=1)
+    with pytest.raises(ValueError, match=r"process_id 2 is not in \[0, 2\)"):
+        parallel.process_group(coordinator_address="h:1", num_processes=2, process_id=2)

@@ -26,11 +26,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments import av_digits
-from mmjax import cli, runtime
+from mmjax import cli
 from mmjax import config as config_lib
 from mmjax.train import checkpoint, kill_harness, loop, parallel, preemption, reliability
 from mmjax.train import setup as setup_lib
-from tests.conftest import REPO_ROOT, tiny_overrides
+from tests.conftest import REPO_ROOT, cpu_env, tiny_overrides
 
 NUM_STEPS = 6  # tiny_overrides: checkpoints at steps 2, 3, 4, 6 (every 2 steps and at each evaluation: 3, 6).
 
@@ -50,10 +50,6 @@ def experiment_command(workdir, data_dir, *args, **overrides):
     return [sys.executable, "-m", "experiments.av_digits", "--workdir", workdir, *args,
             *(f"--config.{o}" for o in tiny_overrides(data_dir, variants="early", **overrides))]
 
-
-def cpu_env(devices):
-    flags = runtime.xla_flags(f"--xla_force_host_platform_device_count={devices}")
-    return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
 
 
 def raw_state(workdir, step):
