@@ -27,8 +27,9 @@ def test_a_classifier_round_trips_at_any_batch_size(classifier_workdir, tmp_path
     workdir, path, _ = classifier_workdir
     predictor = Predictor.load(workdir, "latest")
     out = str(tmp_path / "export")
-    meta = export.export(predictor, out)
+    meta = export.main(["--workdir", workdir, "--out", out, "--step", "latest"])  # The command line, in-process.
     assert list(meta["functions"]) == ["predict"] and meta["task"] == "classification"
+    assert meta["step"] == predictor.step and meta["fingerprint"]
     assert not os.path.exists(out + ".partial")
     model = ExportedModel.load(out)
     assert model.class_names == list(predictor.class_names) and len(model.class_names) == 3

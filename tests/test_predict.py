@@ -167,3 +167,33 @@ def test_two_processes_predict_what_one_does(classifier_workdir, tmp_path):
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-2000:] for log in logs)
     assert (tmp_path / "two.csv").read_text() == (tmp_path / "one.csv").read_text()
+
+
+def test_other_sample_rates_image_sizes_and_long_texts_are_documented_behaviour(classifier_workdir, predictor,
+                                                                                itm_workdir):
+    """Audio at another rate is resampled to the model's, an image of another size is resized by the config's
+    chain, a text past the context is truncated: each said once in `notes`, none an error."""
+    from mmjax.data.audio_features import resample
+    from mmjax.data.raw_inputs import RawAudio
+    from mmjax.inference import Preparer
+
+    manifest = _manifest(classifier_workdir)
+    raw = manifest.raw(0, ["image", "audio"])
+    preparer = Preparer(predictor.setup)
+    assert raw["audio"].rate == 8000
+    at_16k = RawAudio(16000, resample(raw["audio"].samples, 8000, 16000))
+    for _ in range(2):
+        prepared = preparer({"image": np.zeros((31, 17, 3), np.uint8), "audio": at_16k})
+    expected = preparer({"image": raw["image"], "audio": RawAudio(8000, resample(at_16k.samples, 16000, 8000))})
+    np.testing.assert_array_equal(prepared["audio"], expected["audio"])
+    assert prepared["image"].shape == expected["image"].shape == tuple(predictor.setup.spec["image"][0])
+    assert list(preparer.notes) == ["audio at 16000 Hz is resampled to the model's 8000 Hz"]
+    with pytest.raises(ValueError, match=r"audio must be a 1-D waveform or RawAudio\(rate, samples\), got shape"):
+        preparer({"image": raw["image"], "audio": np.zeros((2, 100), np.float32)})
+    matching = Predictor.load(itm_workdir[0], "latest")
+    texts = Preparer(matching.setup, ["text"])
+    short = texts({"text": "a red circle"})["text"]
+    long = texts({"text": " ".join(["red circle"] * 40)})["text"]
+    assert short.shape == long.shape == (16,) and (long != 0).all() and (short == 0).any()
+    assert list(texts.notes) == ["text longer than the model's context of 16 tokens is truncated (its first 16 "
+                                 "tokens kept, with the end token)"]
