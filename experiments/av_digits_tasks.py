@@ -5,17 +5,17 @@
   find one of the two digits, so fusion is needed to get both.
 - regression: the digit's value 0..9 as a real number (MSE loss; MAE, RMSE, Pearson r).
 
-Command (17 min on 2 CPU cores shared with other jobs):
+Command (7.5 min on 2 CPU cores shared with other jobs):
 
     python -m experiments.av_digits_tasks --workdir /tmp/av_tasks
 
-Writes `WORKDIR/<task>/summary.md` per task. Expected test results (seed 0, jax 0.10.2, 2 CPU cores):
+Writes `WORKDIR/<task>/summary.md` per task. Expected test results (seed 0, jax 0.10.2, 2 AMD EPYC cores):
 
     | multilabel | mAP    | micro_f1 | subset_accuracy |      | regression | mae    | pearson |
-    | image      | 0.6111 | 0.5712   | 0.0750          |      | image      | 1.2002 | 0.8047  |
-    | audio      | 0.6232 | 0.5611   | 0.0861          |      | audio      | 1.0111 | 0.8526  |
-    | early      | 0.9199 | 0.8508   | 0.6139          |      | early      | 0.9170 | 0.8900  |
-    | late       | 0.9282 | 0.8599   | 0.6639          |      | late       | 0.9824 | 0.8824  |
+    | image      | 0.6124 | 0.5709   | 0.0694          |      | image      | 1.1900 | 0.8093  |
+    | audio      | 0.6131 | 0.5489   | 0.0806          |      | audio      | 1.0488 | 0.8490  |
+    | early      | 0.9197 | 0.8410   | 0.6000          |      | early      | 0.9044 | 0.8891  |
+    | late       | 0.9305 | 0.8603   | 0.6611          |      | late       | 0.9887 | 0.8821  |
 """
 
 from __future__ import annotations
