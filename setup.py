@@ -32,14 +32,19 @@ setup(
         "espeakng-loader>=0.2.4,<0.3",
         "tokenizers>=0.21,<0.24",
         "safetensors>=0.5,<0.9",
+        "flatbuffers>=24.3,<26",  # jax.export serialization (python -m mmjax.export); 25.12.19 tested.
         "optuna>=5.1,<6",  # Parallel sweeps (mmjax.sweep.study) on a SQLite / SQLAlchemy study; 5.1.0 tested.
         "submitit>=1.5,<2",  # SLURM jobs with requeue on pre-emption (mmjax.launch); 1.5.4 tested.
     ],
     extras_require={
         # -n auto: one worker per core; lint-imports checks the layers (.importlinter), ruff the style (ruff.toml).
-        # gensim: the word-vector tests; python_speech_features: the reference MFCCs and deltas (tests only).
+        # gensim: the word-vector tests; python_speech_features: the reference MFCCs and deltas (tests only);
+        # faiss-cpu: the approximate-search tests (the search extra).
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "import-linter>=2.16,<3", "ruff>=0.17,<0.18",
-                 "gensim>=4.4,<4.5", "python_speech_features>=0.6,<0.7"],
+                 "gensim>=4.4,<4.5", "python_speech_features>=0.6,<0.7", "faiss-cpu>=1.9,<1.16"],
+        # Approximate nearest-neighbour search (python -m mmjax.search index --ann, query --ann, bench);
+        # 1.15.1 tested (with numpy 2.4). Exact search needs nothing beyond jax.
+        "search": ["faiss-cpu>=1.9,<1.16"],
         # Word2Vec training and word2vec/GloVe files (mmjax.nn.word_vectors, experiments.classic_baselines);
         # 4.4.0 tested (with numpy 2.4, scipy 1.17).
         "word2vec": ["gensim>=4.4,<4.5"],

@@ -56,3 +56,36 @@ def cpu_env(devices: int) -> dict:
 
     flags = runtime.xla_flags(f"--xla_force_host_platform_device_count={devices}")
     return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+
+
+# Tiny trained workdirs (tests/trained_workdirs.py), each trained once per session, for predict, search and export.
+@pytest.fixture(scope="session")
+def classifier_workdir(tmp_path_factory):
+    """(workdir, manifest, data dir): image + audio classifier (audio optional) on own files."""
+    from tests import trained_workdirs
+
+    return trained_workdirs.train_classifier(str(tmp_path_factory.mktemp("classifier")))
+
+
+@pytest.fixture(scope="session")
+def clip_workdir(tmp_path_factory):
+    """(workdir, pairs manifest, data dir): CLIP on own image-caption pairs."""
+    from tests import trained_workdirs
+
+    return trained_workdirs.train_pairs(str(tmp_path_factory.mktemp("clip")), "dual")
+
+
+@pytest.fixture(scope="session")
+def itm_workdir(tmp_path_factory):
+    """(workdir, pairs manifest, data dir): the matching (ITM) model on own image-caption pairs."""
+    from tests import trained_workdirs
+
+    return trained_workdirs.train_pairs(str(tmp_path_factory.mktemp("itm")), "cross")
+
+
+@pytest.fixture(scope="session")
+def shapes_workdir(tmp_path_factory):
+    """(workdir, TFDS data dir): CLIP on a tiny Shapes-Captions."""
+    from tests import trained_workdirs
+
+    return trained_workdirs.train_shapes(str(tmp_path_factory.mktemp("shapes")))

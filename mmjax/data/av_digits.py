@@ -95,6 +95,7 @@ from mmjax.data.audio_features import (
     standardize,
 )
 from mmjax.data.core import Dataset, Example, build_on_process_zero
+from mmjax.data.raw_inputs import RawInput
 from mmjax.data.tfds_builder import OfflineBuilder, prepare, split_sizes
 from mmjax.registry import DATASETS
 
@@ -526,6 +527,21 @@ class AvDigitsPreprocess:
         return np.int32(example["label"])
 
 
+def raw_inputs(preprocess: AvDigitsPreprocess) -> dict[str, RawInput]:
+    """One raw image (8x8 grey; other sizes resized) or utterance (1 s at 8 kHz, cropped or zero-padded at the end;
+    other rates resampled) as `preprocess` treats the stored ones: the same values, as op chains."""
+    mel = f"n_mels={preprocess.n_mels}, n_fft={preprocess.n_fft}, hop_length={preprocess.hop_length}"
+    if preprocess.features == "mfcc":
+        audio = (f"mfcc({mel}, n_mfcc={preprocess.n_mfcc}, lifter={preprocess.lifter}, deltas={preprocess.deltas})"
+                 "|cmvn")
+    else:
+        audio = f"log_mel({mel})|standardize"
+    return {
+        "image": RawInput("image", "decode(channels=1)|resize(8)|normalize"),
+        "audio": RawInput("audio", f"crop_or_pad({CLIP_SAMPLES})|{audio}", sample_rate=preprocess.sample_rate),
+    }
+
+
 @DATASETS.register("av_digits")
 def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     """AV-Digits: scikit-learn's handwritten digits paired with eSpeak NG spoken digits (module docstring).
@@ -570,6 +586,7 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
         return PairedSource(data) if "digit_pair" in targets else data
     return Dataset(
         name="av_digits",
+        inputs=raw_inputs(preprocess),
         source=source,
         preprocess=preprocess,
         splits=split_sizes(builder),

@@ -1,7 +1,7 @@
 """Your own data: a CSV / JSONL manifest of image files, WAV files, text and labels -> a TFDS dataset to train on.
 
     python -m mmjax.data.build --manifest my.csv --out DIR [--on-error skip|stop] [--sample-rate 16000 --resample]
-        [--optional audio] [--column image=photo --column label=class] [--classes cat,dog]
+        [--optional audio] [--column image=photo --column label=class] [--classes cat,dog] [--paired]
         [--val-fraction 0.1 --test-fraction 0.1] [--text-files] [--label-sep ';'] [--dedup] [--overwrite]
 
 then train any experiment on it with `config.data.name = "files"`, `config.data.data_dir = DIR` (and per-key
@@ -9,7 +9,13 @@ then train any experiment on it with `config.data.name = "files"`, `config.data.
 
 The manifest: a CSV (a header row, then one row per example; `.tsv` is tab-separated) or JSONL (one JSON object
 per line) whose columns are named `image`, `audio`, `text`, `label` and optionally `split` (`--column KIND=NAME`
-maps other names). Modalities are the image / audio / text columns present; a label column is required.
+maps other names). Modalities are the image / audio / text columns present.
+
+Task: with a label column, a classification dataset (multi-label with `--label-sep`). Without one, or with
+`--paired`, a PAIRED dataset (task "contrastive"): its modalities are pairs (e.g. an image and its caption) that
+the contrastive and matching tasks (clip, siglip, itm) train on, with retrieval evaluation on the held-out splits;
+a label column is then kept as metadata (the examples' `label`) and gives the zero-shot evaluator its classes
+(`mmjax.data.files`). A paired dataset needs at least two modality columns.
 Image and audio cells are file paths, absolute or relative to the manifest's folder (`--root` sets another);
 text cells are the text itself, or paths to UTF-8 text files with `--text-files`. Labels are class names
 (`--classes a,b,c` fixes the list and its order; otherwise every label of a good row, sorted, numerically when
@@ -25,7 +31,8 @@ no TensorFlow):
                is a bad row unless `--resample`, which converts it (polyphase, scipy).
     text       the text (str); a WordPiece tokenizer trained on the train split is saved as tokenizer.json next
                to the data (`--tokenizer minilm|PATH|none` instead) and is what `tokenize` uses by default.
-    label      class id (ClassLabel, names kept), or a list of ids with `--label-sep`.
+    label      class id (ClassLabel, names kept), or a list of ids with `--label-sep`; a paired build without a
+               label column stores 0 (one class, "none").
     <m>_mask   float32 1.0 / 0.0, only for modalities declared `--optional`: an empty cell stores a zero
                placeholder (a black PNG of the first good image's size, zeros of the first good clip's length,
                "") with mask 0.
@@ -35,7 +42,10 @@ report of the build (examples per split, bad rows) in DIR/build_report.json.
 
 Splits: a `split` column (any names, e.g. train / validation / test), or else `--val-fraction` and
 `--test-fraction` (default 0.1 each) of the good rows, carved deterministically (`--split-seed`): stratified by
-label, exact totals. Examples are stored in manifest order.
+label, exact totals. A split column with a `train` split but no `validation` gets one carved from train the same
+way (`--val-fraction` of train, default 0.1 and at least one example; 0 turns it off), so that training's
+evaluation and best checkpoint (`validation/...`) work without a change; build_report.json says what was carved
+(`validation_carved`). Examples are stored in manifest order.
 
 Duplicates: rows that would store identical examples (the same image bytes, the same audio samples, the same
 text and labels, whatever their file names) are reported (their count and the first ones, in the output and in
@@ -79,6 +89,7 @@ KINDS = ("image", "audio", "text", "label", "split")
 MODALITIES = ("image", "audio", "text")
 DEFAULT_SPLITS = ("train", "validation", "test")
 REPORT_FILENAME = "build_report.json"
+UNLABELLED = "none"  # The one class name of a paired build without a label column.
 TOKENIZER_FILENAME = "tokenizer.json"
 _SPLIT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -146,6 +157,7 @@ class Options:
     overwrite: bool = False
     progress: bool = True
     dedup: bool = False  # Keep only the first of each group of duplicate rows (else: all, in one split).
+    paired: bool = False  # A paired (contrastive) dataset even with a label column (kept as metadata, zero-shot).
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -210,7 +222,7 @@ def _read_jsonl(path: str) -> tuple[list[str], list[ManifestRow]]:
     return list(columns), rows
 
 
-def _cell(row: ManifestRow, column: str | None, strip: bool = True) -> Any:
+def cell_value(row: ManifestRow, column: str | None, strip: bool = True) -> Any:
     """The cell's value: None when the column is absent or the cell empty ("", or blank with `strip`) or null;
     strings are stripped with `strip` (text keeps its blanks, so a blank text is "empty text", not a missing cell).
     """
@@ -295,7 +307,7 @@ class _Checker:
         present = []
         digest = hashlib.sha256(json.dumps(labels).encode())
         for modality in self.modalities:
-            value = _cell(row, self.columns[modality], strip=modality != "text")
+            value = cell_value(row, self.columns[modality], strip=modality != "text")
             digest.update(f"|{modality}:".encode())
             if value is None:
                 if modality not in self.options.optional:
@@ -318,8 +330,10 @@ class _Checker:
                        row.line, digest.hexdigest())
 
     def _labels(self, row: ManifestRow, reasons: list[str]) -> tuple[str, ...]:
-        column = self.columns["label"]
-        value = _cell(row, column)
+        column = self.columns.get("label")
+        if column is None:  # A paired build without labels.
+            return ()
+        value = cell_value(row, column)
         if value is None:
             reasons.append(f"missing required cell {column!r} (label)")
             return ()
@@ -346,7 +360,7 @@ class _Checker:
         column = self.columns.get("split")
         if column is None:
             return None
-        value = _cell(row, column)
+        value = cell_value(row, column)
         if value is None:
             reasons.append(f"missing required cell {column!r} (split)")
             return None
@@ -515,7 +529,7 @@ def carve_splits(good: Sequence[GoodRow], val_fraction: float, test_fraction: fl
     rng = np.random.default_rng(seed)
     by_label: dict[str, list[int]] = {}
     for row in good:
-        by_label.setdefault(row.labels[0], []).append(row.row)
+        by_label.setdefault(row.labels[0] if row.labels else "", []).append(row.row)
     keyed = []
     for label in sorted(by_label):
         members = rng.permutation(by_label[label])
@@ -531,7 +545,7 @@ def carve_splits(good: Sequence[GoodRow], val_fraction: float, test_fraction: fl
     return assignment
 
 
-def _columns(header: Sequence[str], mapping: Mapping[str, str]) -> dict[str, str]:
+def manifest_columns(header: Sequence[str], mapping: Mapping[str, str]) -> dict[str, str]:
     """kind -> manifest column, for the kinds present; explicitly mapped columns must exist."""
     unknown = sorted(set(mapping) - set(KINDS))
     if unknown:
@@ -539,14 +553,13 @@ def _columns(header: Sequence[str], mapping: Mapping[str, str]) -> dict[str, str
     columns = {}
     for kind in KINDS:
         name = mapping.get(kind, kind)
+        if not name:  # `--column KIND=`: no column of this kind.
+            continue
         if name in header:
             columns[kind] = name
         elif kind in mapping:
             raise ManifestError(f"--column {kind}={name}: the manifest has no column {name!r} "
                                 f"(columns: {', '.join(header)})")
-    if "label" not in columns:
-        raise ManifestError(f"the manifest has no label column 'label' (columns: {', '.join(header)}); "
-                            "map one with --column label=NAME")
     if not any(m in columns for m in MODALITIES):
         raise ManifestError(f"the manifest has none of the modality columns {', '.join(MODALITIES)} (columns: "
                             f"{', '.join(header)}); map them with --column image=NAME etc.")
@@ -562,9 +575,22 @@ def _check_options(options: Options, columns: Mapping[str, str]) -> None:
                             f"(modalities: {', '.join(m for m in MODALITIES if m in columns)})")
     if options.sample_rate is not None and options.sample_rate <= 0:
         raise ManifestError(f"--sample-rate {options.sample_rate} must be a positive number of Hz")
-    if "split" in columns and (options.val_fraction is not None or options.test_fraction is not None):
-        raise ManifestError("the manifest has a split column; --val-fraction / --test-fraction carve splits only "
-                            "when it has none")
+    if "split" in columns and options.test_fraction is not None:
+        raise ManifestError("the manifest has a split column; --test-fraction carves splits only when it has none "
+                            "(--val-fraction sets the share of train carved as validation when the column has no "
+                            "validation split)")
+    modalities = [m for m in MODALITIES if m in columns]
+    if "label" not in columns and len(modalities) < 2:
+        raise ManifestError(f"the manifest has no label column 'label' (columns: {', '.join(columns.values())}) "
+                            f"and one modality ({', '.join(modalities)}): a classification dataset needs labels "
+                            "(map them with --column label=NAME), a paired one at least two modality columns "
+                            "(e.g. image and text)")
+    if options.paired and len(modalities) < 2:
+        raise ManifestError(f"--paired needs at least two modality columns (e.g. image and text); this manifest "
+                            f"has {', '.join(modalities)}")
+    if options.label_sep is not None and ("label" not in columns or options.paired):
+        raise ManifestError("--label-sep reads several labels per cell for a multi-label classification dataset; "
+                            "it needs a label column and no --paired")
     fractions = [f for f in (options.val_fraction, options.test_fraction) if f is not None]
     if any(not 0 <= f < 1 for f in fractions) or sum(fractions) >= 1:
         raise ManifestError(f"--val-fraction / --test-fraction {fractions}: each in [0, 1), summing to < 1")
@@ -649,6 +675,8 @@ class BuildPlan:
     placeholder_audio_length: int | None
     tokenizer: str | None = None
     progress: bool = True
+    paired: bool = False  # Task "contrastive": the modalities are pairs (module docstring).
+    labelled: bool = True  # A label column was given (False: every example stores class 0, UNLABELLED).
 
     @property
     def splits(self) -> list[str]:
@@ -660,7 +688,8 @@ class BuildPlan:
             "modalities": list(self.modalities),
             "optional": list(self.optional),
             "sample_rate": self.sample_rate,
-            "task": "multilabel" if self.multilabel else "classification",
+            "task": "contrastive" if self.paired else "multilabel" if self.multilabel else "classification",
+            "labelled": self.labelled,
             "image_storage": "encoded file bytes (decode op)",
             "tokenizer": self.tokenizer,
             "manifest": self.manifest,
@@ -670,7 +699,7 @@ class BuildPlan:
         """The stored features of one good row (files read again and converted)."""
         example: dict[str, Any] = {"row": row.row}
         index = {name: i for i, name in enumerate(self.classes)}
-        ids = [index[label] for label in row.labels]
+        ids = [index[label] for label in row.labels] if self.labelled else [0]
         example["label"] = ids if self.multilabel else ids[0]
         if "image" in self.modalities:
             path = row.paths.get("image")
@@ -720,6 +749,8 @@ class BuildReport:
     sample_rate: int | None
     task: str
     duplicates: Duplicates = dataclasses.field(default_factory=lambda: Duplicates([]))
+    validation_carved: dict[str, Any] | None = None  # See `_carve_validation`.
+    labelled: bool = True
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -735,8 +766,19 @@ class BuildReport:
                      + (f" (optional: {', '.join(self.optional)})" if self.optional else ""))
         if self.sample_rate:
             lines.append(f"  audio sample rate: {self.sample_rate} Hz")
-        lines.append(f"  {self.task}, {len(self.classes)} classes: {', '.join(self.classes[:20])}"
-                     + (" ..." if len(self.classes) > 20 else ""))
+        if self.task == "contrastive":
+            kept = (f"labels kept as metadata and for zero-shot, {len(self.classes)} classes: "
+                    + ", ".join(self.classes[:20]) + (" ..." if len(self.classes) > 20 else "")
+                    if self.labelled else "no labels")
+            lines.append(f"  paired ({' + '.join(self.modalities)}) for the contrastive and matching tasks "
+                         f"(clip, siglip, itm); {kept}")
+        else:
+            lines.append(f"  {self.task}, {len(self.classes)} classes: {', '.join(self.classes[:20])}"
+                         + (" ..." if len(self.classes) > 20 else ""))
+        if self.validation_carved:
+            c = self.validation_carved
+            lines.append(f"  validation: carved from train ({c['examples']} examples, --val-fraction {c['fraction']}, "
+                         f"seed {c['seed']}): the split column had none")
         lines.append(f"  skipped rows: {self.skipped}" + (" (row = 1-based data row, line = file line):"
                                                            if self.bad_rows else ""))
         for bad in self.bad_rows[:max_rows]:
@@ -772,7 +814,7 @@ def build(manifest: str, out: str, options: Options | None = None, **kwargs) -> 
     manifest = os.path.abspath(manifest)
     out = os.path.abspath(out)
     header, rows = read_manifest(manifest)
-    columns = _columns(header, options.columns)
+    columns = manifest_columns(header, options.columns)
     _check_options(options, columns)
     modalities = tuple(m for m in MODALITIES if m in columns)
     target = os.path.join(out, NAME)
@@ -800,8 +842,10 @@ def build(manifest: str, out: str, options: Options | None = None, **kwargs) -> 
     good = [row for row in checked.good if not (options.dedup and row.row in first_of)]
     duplicates.dropped = options.dedup
     classes = class_names(good, options.classes)
+    carved = None
     if "split" in columns:
         split_of = {row.row: row.split for row in good}
+        carved = _carve_validation(good, split_of, first_of, options)
     else:  # Each group of copies is carved as one row (its first), so that it lands in one split.
         split_of = carve_splits([row for row in good if row.row not in first_of],
                                 0.1 if options.val_fraction is None else options.val_fraction,
@@ -816,12 +860,15 @@ def build(manifest: str, out: str, options: Options | None = None, **kwargs) -> 
     for row in good:
         rows_by_split.setdefault(split_of[row.row], []).append(row)
     order = [s for s in DEFAULT_SPLITS if s in rows_by_split] + sorted(set(rows_by_split) - set(DEFAULT_SPLITS))
+    labelled = "label" in columns
     plan = BuildPlan(
         manifest=manifest,
         modalities=modalities,
         optional=tuple(m for m in modalities if m in options.optional),
-        classes=classes,
+        classes=classes if labelled else (UNLABELLED,),
         multilabel=options.label_sep is not None,
+        paired=options.paired or not labelled,
+        labelled=labelled,
         sample_rate=checked.sample_rate,
         rows_by_split={s: rows_by_split[s] for s in order},
         placeholder_image=_placeholder_png(checked.image_size) if "image" in options.optional else None,
@@ -852,10 +899,35 @@ def build(manifest: str, out: str, options: Options | None = None, **kwargs) -> 
         examples={s: len(r) for s, r in plan.rows_by_split.items()}, skipped=len(checked.bad),
         bad_rows=checked.bad, classes=classes, modalities=modalities, optional=plan.optional,
         sample_rate=checked.sample_rate, task=plan.metadata()["task"], duplicates=duplicates,
+        validation_carved=carved, labelled=labelled,
     )
     with open(os.path.join(out, REPORT_FILENAME), "w") as f:
         json.dump(report.to_json(), f, indent=2)
     return report
+
+
+def _carve_validation(good: Sequence[GoodRow], split_of: dict[int, str], first_of: Mapping[int, GoodRow],
+                      options: Options) -> dict[str, Any] | None:
+    """A split column with `train` but no `validation`: moves `--val-fraction` (default 0.1, at least one example)
+    of train to a new validation split, stratified and seeded like `carve_splits` (copies of a row follow it
+    later). Returns what build_report.json records, or None when nothing is carved."""
+    splits = set(split_of.values())
+    if "validation" in splits:
+        if options.val_fraction is not None:
+            raise ManifestError("the manifest's split column has a validation split; --val-fraction carves one from "
+                                "train only when it has none")
+        return None
+    fraction = 0.1 if options.val_fraction is None else options.val_fraction
+    train = [row for row in good if split_of[row.row] == "train" and row.row not in first_of]
+    count = max(1, round(len(train) * fraction)) if fraction > 0 and len(train) >= 2 else 0
+    if not count:
+        return None
+    carved = carve_splits(train, count / len(train), 0.0, options.split_seed)
+    for row, split in carved.items():
+        if split == "validation":
+            split_of[row] = "validation"
+    return {"from": "train", "fraction": fraction, "seed": options.split_seed, "examples": count,
+            "stratified_by": "label" if any(row.labels for row in train) else None}
 
 
 def _write_metadata(directory: str, metadata: Mapping[str, Any]) -> None:
@@ -920,12 +992,15 @@ def write_example_folder(folder: str, num_examples: int = 60, *, num_classes: in
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def _column_mapping(items: Sequence[str]) -> dict[str, str]:
+def column_mapping(items: Sequence[str]) -> dict[str, str]:
+    """`["image=photo", "text="]` -> {kind: column}; an empty column (`text=`) means no column of that kind (a
+    column named like the kind is then metadata)."""
     mapping = {}
     for item in items:
         kind, sep, name = item.partition("=")
-        if not sep or not kind.strip() or not name.strip():
-            raise ManifestError(f"--column {item!r} must look like KIND=COLUMN, e.g. image=photo_path")
+        if not sep or not kind.strip():
+            raise ManifestError(f"--column {item!r} must look like KIND=COLUMN, e.g. image=photo_path (KIND= for "
+                                "none)")
         mapping[kind.strip()] = name.strip()
     return mapping
 
@@ -950,7 +1025,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text-files", action="store_true", help="text cells are paths to UTF-8 text files")
     p.add_argument("--classes", help="comma-separated class names, in label-id order; other labels are bad rows")
     p.add_argument("--label-sep", help="several labels per cell separated by this (multi-label task)")
-    p.add_argument("--val-fraction", type=float, help="without a split column: validation share (default 0.1)")
+    p.add_argument("--paired", action="store_true",
+                   help="a paired dataset (image-text, audio-text, ...) for clip / siglip / itm even with a label "
+                        "column (kept as metadata and for zero-shot); without a label column it is the default")
+    p.add_argument("--val-fraction", type=float,
+                   help="without a split column: validation share (default 0.1); with one that has no validation "
+                        "split: the share of train carved as validation (default 0.1; 0: none)")
     p.add_argument("--test-fraction", type=float, help="without a split column: test share (default 0.1)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the carved splits")
     p.add_argument("--on-error", choices=("skip", "stop"), default="stop",
@@ -971,19 +1051,25 @@ def main(argv: Sequence[str] | None = None) -> BuildReport:
     args = parser().parse_args(argv)
     try:
         options = Options(
-            columns=_column_mapping(args.column), root=args.root, sample_rate=args.sample_rate,
+            columns=column_mapping(args.column), root=args.root, sample_rate=args.sample_rate,
             resample=args.resample, optional=tuple(_csv_list(args.optional)), text_files=args.text_files,
             classes=_csv_list([args.classes]) if args.classes is not None else None, label_sep=args.label_sep,
             val_fraction=args.val_fraction, test_fraction=args.test_fraction, split_seed=args.split_seed,
             on_error=args.on_error, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-            overwrite=args.overwrite, progress=not args.quiet, dedup=args.dedup,
+            overwrite=args.overwrite, progress=not args.quiet, dedup=args.dedup, paired=args.paired,
         )
         report = build(args.manifest, args.out, options)
     except (ManifestError, BadRowError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     print(report.summary())
-    print(f"train on it with: --config.data.name=files --config.data.data_dir={report.out}")
+    if report.task == "contrastive":
+        classes = max(1, len(report.classes))
+        print(f"train CLIP / SigLIP / ITM on it with, e.g.: python -m experiments.shapes_clip --workdir W "
+              f"--config.data.name=files --config.data.data_dir={report.out} --config.model.num_classes={classes} "
+              "--config.eval.splits=validation,test (see the README, \"Your own data\")")
+    else:
+        print(f"train on it with: --config.data.name=files --config.data.data_dir={report.out}")
     return report
 
 

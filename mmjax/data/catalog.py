@@ -77,6 +77,7 @@ import numpy as np
 
 from mmjax.data.audio_features import fit_length, log_mel_spectrogram, resample, standardize
 from mmjax.data.core import Dataset
+from mmjax.data.raw_inputs import RawInput
 from mmjax.data.tfds_builder import split_sizes
 from mmjax.data.tokenization import as_text, encode_texts, tokenizer_path
 from mmjax.registry import DATASETS
@@ -546,6 +547,16 @@ def coco_category_names(names: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+def coco_inputs(options: Mapping[str, Any]) -> dict[str, RawInput]:
+    """One raw image or caption as the COCO recipes preprocess them: `resize_image` in its "crop" mode is
+    `resize_small|center_crop` with bicubic resampling, "squash" is `resize` (module docstring)."""
+    size = options["image_size"]
+    fit = (f"resize_small({size}, method='bicubic')|center_crop({size})" if options["resize"] == "crop"
+           else f"resize({size}, method='bicubic')")
+    return {"image": RawInput("image", f"decode|{fit}|normalize"),
+            "text": RawInput("text", tokenizer=options["tokenizer_path"], max_len=options["max_len"])}
+
+
 @DATASETS.register("coco_captions")
 def coco_captions(data_config: ml_collections.ConfigDict) -> Dataset:
     """COCO 2014 captions (Karpathy splits) for contrastive image-text training; see the module docstring.
@@ -565,6 +576,7 @@ def coco_captions(data_config: ml_collections.ConfigDict) -> Dataset:
         class_names=("image",),
         task="contrastive",
         augment=CocoCaptionsAugment(),
+        inputs=coco_inputs(options),
     )
 
 
@@ -631,6 +643,7 @@ def coco_objects(data_config: ml_collections.ConfigDict) -> Dataset:
         class_names=names,
         task="multilabel",
         augment=CocoObjectsAugment(),
+        inputs=coco_inputs(options),
     )
 
 
@@ -769,4 +782,11 @@ def av_mnist(data_config: ml_collections.ConfigDict) -> Dataset:
         modalities=("audio", "image"),
         class_names=DIGIT_NAMES,
         task="classification",
+        inputs={  # One raw digit image (28x28 grey) or utterance (centred, cropped or padded) as `preprocess` does.
+            "image": RawInput("image", "decode(channels=1)|resize(28)|normalize"),
+            "audio": RawInput(
+                "audio", f"crop_or_pad({int(round(preprocess.clip_seconds * preprocess.sample_rate))}, "
+                f"align='center')|log_mel(n_mels={preprocess.n_mels}, n_fft={preprocess.n_fft}, "
+                f"hop_length={preprocess.hop_length})|standardize", sample_rate=preprocess.sample_rate),
+        },
     )

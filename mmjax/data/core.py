@@ -70,6 +70,10 @@ class Dataset:
     array (no batch axis), e.g. `{"audio": ((49, 40), "float32")}`. `preprocess` may then return an example
     without that key (or with `None`); the pipeline fills zeros of that shape and adds `<modality>_mask` (float32
     1.0 present / 0.0 missing, which the fusion modules honour) to every example, so all batches have the same keys.
+
+    `inputs` maps each modality to its evaluation preprocessing of ONE raw input (an image file's bytes, a
+    waveform, a text): a `mmjax.data.raw_inputs.RawInput`. Prediction, search and export on your own files use it
+    (a dataset without it can only be evaluated on its own splits).
     """
 
     name: str
@@ -83,6 +87,7 @@ class Dataset:
     augment: Callable[[Example, np.random.Generator], Example] | None = None
     class_prompts: np.ndarray | None = None  # int32 [classes, templates, L] token ids, for zero-shot evaluation.
     optional_modalities: Mapping[str, tuple[tuple[int, ...], str]] = dataclasses.field(default_factory=dict)
+    inputs: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # modality -> RawInput (see above).
 
     def __post_init__(self):
         unknown = sorted(set(self.optional_modalities) - set(self.modalities))
@@ -102,6 +107,10 @@ class Dataset:
                     f"e.g. ((49, 40), 'float32'): {error}"
                 ) from None
         object.__setattr__(self, "optional_modalities", specs)  # Normalised: tuple shapes, dtype names.
+        extra = sorted(set(self.inputs) - set(self.modalities))
+        if extra:
+            raise ValueError(f"dataset {self.name!r}: inputs {extra} are not among its modalities "
+                             f"{list(self.modalities)}")
 
 
 def build_on_process_zero(build: Callable[[], Any]) -> Any:

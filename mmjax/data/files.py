@@ -5,17 +5,28 @@
     config.data.preprocess = {"image": "decode|resize(40)|random_crop(32)|flip_lr|normalize", ...}  # optional
     config.data.modalities = ("image", "audio")   # optional: a subset of the built modalities
 
-Splits, class names, the task (classification, or multilabel for a build with `--label-sep`) and the modalities
-come from the build. Each key's chain of ops (mmjax.data.ops) replaces its default:
+Splits, class names, the task (classification, multilabel for a build with `--label-sep`, or contrastive for a
+paired build: one without a label column, or with `--paired`) and the modalities come from the build.
+
+A paired build trains the contrastive and matching tasks (clip, siglip, itm) with retrieval evaluation (each
+example's modalities are a pair). When it has labels, they are the examples' `label`, and for image + text builds
+their names make the zero-shot evaluator's classes: each class is prompted with `data.prompts` (default
+`("{}", "a {}", "a photo of a {}")`), tokenised by the text chain.
+
+Each key's chain of ops (mmjax.data.ops) replaces its default:
 
     image  decode|resize(32)|normalize                          -> float32 [32, 32, 3] in [-1, 1]
     audio  crop_or_pad(RATE)|log_mel(n_mels=40)|standardize     -> 1 s at the stored rate, float32 [frames, 40]
     text   tokenize(max_len=32)                                 -> int32 [32], the build's own tokenizer
-    label  cast('int32')  (multilabel: multi_hot)               -> int32 class id (float32 [K])
+    label  cast('int32')  (multilabel: multi_hot)               -> int32 class id (float32 [K]); 0 for a paired
+                                                                   build without labels
 
 (`data.audio.{n_fft, hop_length, n_mels}` and `data.max_len`, when the config has them, feed the default audio and
 text chains.) Random ops run only on the training stream (see mmjax.data.ops). Modalities built `--optional`
 carry `<modality>_mask` (1 present, 0 absent; absent values are zeros), which the fusion models honour.
+
+`Dataset.inputs` (prediction and search on new files, `mmjax.data.raw_inputs`) are the same chains in their
+evaluation version, applied to a file's bytes, a waveform (resampled to the build's rate first) or a text.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import tensorflow_datasets as tfds
 from mmjax.data import ops
 from mmjax.data.build import NAME, TOKENIZER_FILENAME, VERSION, dataset_dir
 from mmjax.data.core import Dataset, mask_key
+from mmjax.data.raw_inputs import RawInput
 from mmjax.data.tfds_builder import split_sizes
 from mmjax.registry import DATASETS
 
@@ -66,6 +78,19 @@ def default_preprocess(meta: Mapping[str, Any], data_config: ml_collections.Conf
     return chains
 
 
+PROMPTS = ("{}", "a {}", "a photo of a {}")  # Zero-shot prompt templates of a labelled paired build.
+
+
+def class_prompts(class_names: tuple[str, ...], text: RawInput, templates) -> np.ndarray:
+    """int32 `[classes, templates, L]`: each class name in each template, tokenised as the texts are."""
+    templates = tuple(templates)
+    if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
+        raise ValueError(f"config data.prompts={templates!r} must be templates with '{{}}' for the class name, "
+                         "e.g. ('a photo of a {}',)")
+    ids = [[text(t.format(name.replace("_", " "))) for t in templates] for name in class_names]
+    return np.asarray(ids, np.int32)
+
+
 def _check_labels(example: Mapping[str, Any], task: str, num_classes: int) -> None:
     label = np.asarray(example["label"])
     if task == "classification" and not (label.shape == () and np.issubdtype(label.dtype, np.integer)):
@@ -96,7 +121,8 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
         raise ValueError(f"config data.modalities names {unknown}, but the dataset in {directory} has {list(built)}")
     label_feature = builder.info.features["label"]
     label_feature = getattr(label_feature, "feature", label_feature)  # Sequence(ClassLabel) for multilabel.
-    class_names = tuple(label_feature.names)
+    labelled = meta.get("labelled", True)
+    class_names = tuple(label_feature.names) if labelled else ()
     configured = dict(data_config.get("preprocess", None) or {})
     extra = sorted(set(configured) - set(modalities) - {"label"})
     if extra:
@@ -107,23 +133,30 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     contexts = {
         "audio": ops.Context(sample_rate=meta.get("sample_rate")),
         "text": ops.Context(tokenizer=_tokenizer(directory, meta.get("tokenizer"))),
-        "label": ops.Context(num_classes=len(class_names)),
+        "label": ops.Context(num_classes=len(label_feature.names)),
     }
     for modality in modalities:  # TFDS reads float32 scalars back as Python floats.
         if modality in meta.get("optional", ()):
             chains[mask_key(modality)] = "cast('float32')"
     preprocess, augment = ops.compose(chains, contexts, keep=())
     splits = split_sizes(builder)
+    inputs = {m: RawInput(m, chains[m], sample_rate=contexts["audio"].sample_rate if m == "audio" else None,
+                          tokenizer=contexts["text"].tokenizer if m == "text" else None) for m in modalities}
+    prompts = None
+    if meta["task"] == "contrastive" and labelled and {"image", "text"} <= set(modalities):
+        prompts = class_prompts(class_names, inputs["text"], data_config.get("prompts", None) or PROMPTS)
     result = Dataset(
         name=NAME,
         source=lambda split: builder.as_data_source(split=split),
         preprocess=preprocess,
         splits=splits,
-        num_classes=len(class_names),
+        num_classes=max(1, len(class_names)),
         modalities=modalities,
         class_names=class_names,
         task=meta["task"],
         augment=augment,
+        class_prompts=prompts,
+        inputs=inputs,
     )
     # Runs every chain once now, so a chain that does not fit the data fails here, naming the key and the op.
     first = next(s for s, n in splits.items() if n)

@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mmjax.data.core import Dataset, build_on_process_zero
+from mmjax.data.raw_inputs import RawInput
 from mmjax.data.tfds_builder import OfflineBuilder, prepare, split_sizes
 from mmjax.data.tokenization import TextEncoderOp, as_text, tokenizer_path
 from mmjax.registry import DATASETS
@@ -534,4 +535,5 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
         modalities=("text",),
         class_names=tuple(label.names),
         task="classification",
+        inputs={"text": RawInput("text", tokenizer=tokenizer, max_len=preprocess.encode.max_len)},
     )

@@ -99,6 +99,7 @@ import functools
 import io
 import itertools
 import json
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -109,6 +110,7 @@ import tensorflow_datasets as tfds
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from mmjax.data.core import Dataset, build_on_process_zero
+from mmjax.data.raw_inputs import RawInput
 from mmjax.data.tfds_builder import OfflineBuilder, prepare, split_sizes
 from mmjax.data.tokenization import SPECIAL_TOKENS, TokenizerSource, as_text, encode_texts, tokenizer_from
 from mmjax.registry import DATASETS
@@ -755,6 +757,41 @@ def colour_prompts(templates: Sequence[str] = COLOUR_TEMPLATES) -> list[list[str
     return [[t.format(colour) for t in templates] for colour in COLOURS]
 
 
+def write_files(data_dir: str | None, split: str, folder: str) -> tuple[str, str]:
+    """Writes a split as your own files would be: ``images/<i>.png`` (lossless: they decode to the stored pixels)
+    and two manifests, for ``python -m mmjax.search`` (README "Using a trained model"):
+
+    * ``collection.csv``: ``image``, ``id`` (the example's index), ``caption`` (the first true caption),
+      ``captions`` (all of them, " | "-joined), ``label`` (the subject's shape);
+    * ``queries.csv``: ``text``, ``id``: every true caption of every image (``CAPTIONS_PER_SCENE`` per image), with
+      the id of its image. Its recall@K through the search index is the evaluator's text->image recall@K.
+
+    Returns the two manifests' paths. ``data_dir``: where the dataset is (built there if it is not).
+    """
+    import csv
+
+    from PIL import Image
+
+    builder = build(data_dir)
+    if split not in split_sizes(builder):
+        raise ValueError(f"shapes_captions has no split {split!r}; splits: {sorted(split_sizes(builder))}")
+    source = ShapesSource(builder.as_data_source(split=split))
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    collection, queries = os.path.join(folder, "collection.csv"), os.path.join(folder, "queries.csv")
+    with open(collection, "w", newline="") as c, open(queries, "w", newline="") as q:
+        items, texts = csv.writer(c), csv.writer(q)
+        items.writerow(["image", "id", "caption", "captions", "label"])
+        texts.writerow(["text", "id"])
+        for index in range(len(source)):
+            example = source[index]
+            path = f"images/{index:05d}.png"
+            Image.fromarray(example["image"]).save(os.path.join(folder, path))
+            items.writerow([path, index, example["captions"][0], " | ".join(example["captions"]),
+                            SHAPES[example["label"]]])
+            texts.writerows([caption, index] for caption in example["captions"])
+    return collection, queries
+
+
 # --------------------------------------------------------------------------------------------- dataset entry
 
 
@@ -823,6 +860,11 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     prompt_ids = encode_texts(
         _source(preprocess.tokenizer), [p for per_class in prompts for p in per_class], preprocess.max_len
     )
+    size = int(builder.info.features["image"].shape[0])
+    inputs = {  # One raw image / caption, as `preprocess` treats them (x / 127.5 - 1 is `normalize`, to the bit).
+        "image": RawInput("image", f"decode|resize({size})|normalize"),
+        "text": RawInput("text", tokenizer=_source(preprocess.tokenizer), max_len=preprocess.max_len),
+    }
     return Dataset(
         name="shapes_captions",
         source=lambda split: ShapesSource(builder.as_data_source(split=split)),
@@ -834,4 +876,5 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
         task="contrastive",
         augment=ShapesCaptionsAugment(),
         class_prompts=prompt_ids.reshape(len(prompts), len(prompts[0]), -1),
+        inputs=inputs,
     )

@@ -92,30 +92,70 @@ def validate(config: ml_collections.ConfigDict, *, training: bool = True) -> Non
 
 def check_dataset(config: ml_collections.ConfigDict, dataset: Dataset, multitask: bool = False) -> None:
     """The config asks only for what the dataset has: modalities, label type, number of outputs, non-empty splits
-    (a multi-task run's labels are checked per task, `composition.task_heads`)."""
+    (a multi-task run's labels are checked per task, `composition.task_heads`).
+
+    Every mismatch is found before the first is reported: one error lists them all, each with its fix, so a run
+    stops once (an experiment's config used on another dataset, e.g. your own files, often needs several).
+    """
+    problems = []
     unknown = sorted(set(config.model.encoders) - set(dataset.modalities))
     if unknown:
-        raise ValueError(
+        problems.append(
             f"config model.encoders names modality {unknown} but dataset {dataset.name!r} provides "
             f"{list(dataset.modalities)}"
         )
     name = task_name(config.get("task"))
     if not multitask and task_class(name).dataset_task != dataset.task:
-        raise ValueError(f"config task.name={name!r} but dataset {dataset.name!r} provides {dataset.task!r} labels")
+        hint = ""
+        if dataset.name == "files" and task_class(name).dataset_task == "contrastive":
+            hint = ("; a paired dataset for clip / siglip / itm is built from a manifest without a label column, or "
+                    "with python -m mmjax.data.build --paired (labels kept as metadata and for zero-shot)")
+        problems.append(f"config task.name={name!r} but dataset {dataset.name!r} provides {dataset.task!r} "
+                        f"labels{hint}")
     if not multitask and config.model.get("num_classes") != dataset.num_classes:
-        raise ValueError(
+        problems.append(
             f"config model.num_classes={config.model.get('num_classes')!r} but dataset {dataset.name!r} has "
-            f"{dataset.num_classes} {'outputs' if dataset.task == 'regression' else 'classes'}"
+            f"{dataset.num_classes} {'outputs' if dataset.task == 'regression' else 'classes'} (set "
+            f"--config.model.num_classes={dataset.num_classes})"
         )
     wanted = [("data.train_split", config.data.train_split), *(("eval.splits", k) for k in config.eval.splits)]
+    evaluable = [k for k in config.eval.splits if dataset.splits.get(k)] or [
+        k for k in ("validation", "test") if dataset.splits.get(k)]
     for where, key in wanted:
         if key not in dataset.splits:
-            raise ValueError(
+            fix = (f" (e.g. --config.eval.splits={','.join(evaluable)})" if where == "eval.splits" and evaluable
+                   else "")
+            problems.append(
                 f"split {key!r} is not in dataset {dataset.name!r} (config {where}); splits: "
-                f"{sorted(dataset.splits)}.{closest(key, dataset.splits)}"
+                f"{sorted(dataset.splits)}.{closest(key, dataset.splits)}{fix}"
             )
-        if dataset.splits[key] == 0:
-            raise ValueError(f"split {key!r} of dataset {dataset.name!r} is empty (config {where}): 0 examples")
+        elif dataset.splits[key] == 0:
+            problems.append(f"split {key!r} of dataset {dataset.name!r} is empty (config {where}): 0 examples")
+    problems += _vocabulary_problems(config, dataset)
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        raise ValueError(f"the config does not fit dataset {dataset.name!r} in {len(problems)} ways:\n  "
+                         + "\n  ".join(problems))
+
+
+def _vocabulary_problems(config: ml_collections.ConfigDict, dataset: Dataset) -> list[str]:
+    """A text encoder's embedding table must have a row for every token id of the dataset's tokenizer: an id past
+    it would silently read another row (JAX clamps gathers), not fail."""
+    text = dataset.inputs.get("text")
+    encoder = (config.model.get("encoders") or {}).get("text") or {}
+    size = encoder.get("vocab_size")
+    if text is None or not is_int(size):
+        return []
+    try:
+        vocabulary = text.vocab_size()
+    except (OSError, ValueError, ImportError):  # A tokenizer that cannot be read fails later, naming its file.
+        return []
+    if vocabulary is None or vocabulary <= size:
+        return []
+    return [f"config model.encoders.text.vocab_size={size} but the tokenizer of dataset {dataset.name!r} has "
+            f"{vocabulary} tokens: ids >= {size} would read past the embedding table (set "
+            f"--config.model.encoders.text.vocab_size={vocabulary})"]
 
 
 _DATASETS: dict[str, Dataset] = {}

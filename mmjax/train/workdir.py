@@ -21,7 +21,7 @@ import ml_collections
 
 from mmjax import config as config_lib
 from mmjax import reporting
-from mmjax.train.checkpoint import Checkpointer
+from mmjax.train.checkpoint import Checkpointer, state_fingerprint
 from mmjax.train.preemption import any_process
 from mmjax.train.preflight import RunRefused
 from mmjax.train.setup import Setup, setup
@@ -215,14 +215,52 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, spec: dict) -
         )
 
 
+def model_fingerprint(s: Setup, state: TrainState) -> str:
+    """A short hash of what a trained model computes: its model config, input shapes and the exact bits of its
+    parameters and model state (`checkpoint.state_fingerprint`, the same on any mesh). Two workdirs, or two steps
+    of one, give the same fingerprint only if their models give the same outputs; search indexes and exports are
+    versioned with it."""
+    import hashlib
+
+    described = {
+        "model": config_lib.normalize(s.config.model.to_dict()),
+        "inputs": config_lib.normalize(s.spec),
+        "state": state_fingerprint({"params": state.params, "model_state": state.model_state}),
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_trained(workdir: str) -> None:
+    """Raises a FileNotFoundError saying what is missing when `workdir` is not a trained model's workdir: no such
+    directory, the parent of several trained models (a comparison experiment's WORKDIR, whose models are in
+    WORKDIR/<variant>/), no config.json, or no checkpoint yet."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"workdir {workdir} does not exist (or is not a directory)")
+    if not os.path.exists(os.path.join(workdir, config_lib.CONFIG_FILENAME)):
+        variants = sorted(n for n in os.listdir(workdir)
+                          if os.path.exists(os.path.join(workdir, n, config_lib.CONFIG_FILENAME)))
+        if variants:
+            raise FileNotFoundError(
+                f"workdir {workdir} holds {len(variants)} trained models, one per variant: give one of "
+                + ", ".join(os.path.join(workdir, v) for v in variants)
+            )
+        raise FileNotFoundError(f"workdir {workdir} has no {config_lib.CONFIG_FILENAME}: not a trained model's "
+                                "workdir (training writes it when it starts)")
+    if not committed_steps(workdir):
+        raise FileNotFoundError(f"workdir {workdir} has no checkpoints in {CHECKPOINTS_DIRNAME}/ yet: train it "
+                                "first (a run saves one every checkpoint.every_steps and at the end)")
+
+
 def load_trained(workdir: str, step: int | str = "latest") -> tuple[Setup, TrainState]:
     """The setup and train state of a trained workdir (its saved config), for evaluation or analysis.
 
     `step` is "latest", "best" (by the config's `checkpoint.best_metric`) or a step number. The state lands on
     this machine's mesh (any device count), not necessarily the one it was saved from. The config is the last of
     the workdir's config history (`describe_config_history`); when the config changed during training, each
-    change is printed with the step it took effect.
+    change is printed with the step it took effect. A directory that holds no trained model raises a
+    FileNotFoundError saying why (`check_trained`).
     """
+    check_trained(workdir)
     for entry in describe_config_history(workdir)[1:]:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in entry["changed"].items())
         reporting.console(f"{workdir}: config changed at step {entry['step']} ({entry['file']}): {shown}")

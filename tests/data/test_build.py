@@ -186,10 +186,24 @@ def test_split_column_and_carved_splits(tmp_path):
     path = root / "splits.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     report = build.build(str(path), str(tmp_path / "out"), on_error="skip", progress=False)
-    assert report.examples == {"train": 4, "test": 2, "val_a": 2}
+    # No "validation" in the column: one of the 4 train rows is carved as validation (at least one), and said so.
+    assert report.examples == {"train": 3, "validation": 1, "test": 2, "val_a": 2}
+    assert report.validation_carved == {"from": "train", "fraction": 0.1, "seed": 0, "examples": 1,
+                                        "stratified_by": "label"}
+    assert "validation: carved from train (1 examples, --val-fraction 0.1, seed 0)" in report.summary()
+    saved = json.loads((tmp_path / "out" / build.REPORT_FILENAME).read_text())
+    assert saved["validation_carved"]["examples"] == 1
     assert report.bad_rows[0].reasons[0].startswith("invalid split name 'no good'")
-    with pytest.raises(build.ManifestError, match="has a split column; --val-fraction"):
-        build.build(str(path), str(tmp_path / "out2"), val_fraction=0.2, progress=False)
+    off = build.build(str(path), str(tmp_path / "off"), on_error="skip", val_fraction=0.0, progress=False)
+    assert off.examples == {"train": 4, "test": 2, "val_a": 2} and off.validation_carved is None
+    half = build.build(str(path), str(tmp_path / "half"), on_error="skip", val_fraction=0.5, progress=False)
+    assert half.examples == {"train": 2, "validation": 2, "test": 2, "val_a": 2}
+    with pytest.raises(build.ManifestError, match="has a split column; --test-fraction"):
+        build.build(str(path), str(tmp_path / "out2"), test_fraction=0.2, progress=False)
+    records[0]["split"] = "validation"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(build.ManifestError, match="split column has a validation split; --val-fraction"):
+        build.build(str(path), str(tmp_path / "out3"), val_fraction=0.2, on_error="skip", progress=False)
     # Carving without a split column: exact totals, stratified, deterministic in the seed.
     good = [build.GoodRow(r, None, (f"c{r % 4}",), {}, None) for r in range(1, 101)]
     first = build.carve_splits(good, 0.1, 0.2, seed=0)
