@@ -11,11 +11,11 @@ retrieval (image->text, text->image recall@K over all captions), zero-shot class
 object's shape from prompts ("a circle", "a picture of a circle", ...) and attribute binding (the true
 caption scored above captions with two objects' attributes swapped or the relation flipped; chance 0.5).
 `test_seen` has the same kind of scenes with seen pairs only. Variants: `clip`, `siglip` (`--config.variants`).
-Expected test results (seed 0, jax 0.10.2, 2 CPU cores; README "Image–text" has the full table):
+Expected test results (seed 0, jax 0.10.2, 2 AMD EPYC cores; README "Image–text" has the full table):
 
     | model  | i2t_recall@1 | t2i_recall@1 | i2t_recall@5 | zero_shot_top1 | binding_accuracy |
-    | clip   | 0.4650       | 0.3565       | 0.7170       | 0.3660         | 0.8552           |
-    | siglip | 0.4120       | 0.3115       | 0.6800       | 0.2370         | 0.8495           |
+    | clip   | 0.3505       | 0.3530       | 0.6201       | 0.2950         | 0.8478           |
+    | siglip | 0.3046       | 0.3120       | 0.5810       | 0.2380         | 0.8497           |
 """
 
 from __future__ import annotations
