@@ -1,7 +1,7 @@
 """`build_model(config.model)`: the model a config names, with every field checked before anything is traced.
 
-Builds `MultimodalModel` (encoders -> fusion -> head), `TwoTower` or `MatchingModel` from registered encoders,
-fusions and heads (importing this module registers all of them).
+Builds `MultimodalModel` (encoders -> fusion -> head), `TwoTower`, `MatchingModel` or `Captioner` from registered
+encoders, fusions and heads (importing this module registers all of them).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from mmjax.nn.encoders import image as _image  # noqa: F401
 from mmjax.nn.encoders import recurrent as _recurrent  # noqa: F401
 from mmjax.nn.encoders import tabular as _tabular  # noqa: F401
 from mmjax.nn.encoders import text as _text  # noqa: F401
+from mmjax.nn.models.captioner import build_captioner
 from mmjax.nn.models.matching import build_matching
 from mmjax.nn.models.multimodal import MultimodalModel
 from mmjax.nn.models.two_tower import TwoTower
@@ -133,7 +134,7 @@ def build_module(registry: Registry, cfg: ml_collections.ConfigDict, where: str,
     return functools.partial(cls, **kwargs, **extra)
 
 
-MODEL_KINDS = ("fusion", "two_tower", "matching")
+MODEL_KINDS = ("fusion", "two_tower", "matching", "captioner")
 
 
 def _check_dtype(model_config: ml_collections.ConfigDict) -> str | None:
@@ -146,7 +147,8 @@ def _check_dtype(model_config: ml_collections.ConfigDict) -> str | None:
 def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
     """Builds the model of `config.model`: `name` "fusion" (default; `MultimodalModel`: encoders per modality,
     fusion, head), "two_tower" (`TwoTower` dual encoder for contrastive training) or "matching" (`MatchingModel`:
-    dual encoder + image–text matching cross-encoder, config group `model.matching`).
+    dual encoder + image–text matching cross-encoder, config group `model.matching`) or "captioner"
+    (`Captioner`: a text decoder over the encoders' tokens, config group `model.decoder`).
 
     `model.dtype` (e.g. "bfloat16") is the compute dtype of every module that does not set its own; parameters
     stay float32 and losses are computed in float32 (mixed precision).
@@ -165,6 +167,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> nn.Module:
         return _build_two_tower(model_config, encoders, dtype)
     if kind == "matching":
         return build_matching(model_config, encoders, dtype)
+    if kind == "captioner":
+        return build_captioner(model_config, encoders, dtype)
     num_classes = model_config.get("num_classes")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
         raise ValueError(f"config model.num_classes={num_classes!r} must be a positive integer (the head's outputs)")

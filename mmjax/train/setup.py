@@ -215,7 +215,12 @@ def setup(config: ml_collections.ConfigDict, *, training: bool = True) -> Setup:
     task = build_task(config.get("task"), config.model.num_classes, dataset.class_names).with_mesh(mesh)
     full_spec = pipeline.input_spec(dataset, config.data.train_split)
     modalities = sorted(config.model.encoders)
-    keys = modalities + [f"{m}_mask" for m in modalities if f"{m}_mask" in full_spec] + ["label"]
+    extra = [k for k in getattr(model, "extra_inputs", ()) if k not in modalities]  # E.g. a decoder's captions.
+    missing = [k for k in extra if k not in full_spec]
+    if missing:
+        raise ValueError(f"model {config.model.get('name')!r} reads batch key(s) {missing} that dataset "
+                         f"{dataset.name!r} does not provide (it has {sorted(full_spec)})")
+    keys = modalities + extra + [f"{m}_mask" for m in modalities if f"{m}_mask" in full_spec] + ["label"]
     spec = {k: full_spec[k] for k in keys}
     frozen = tuple(config.train.get("frozen", ()))
     tx = optimizer.build_optimizer(config.optimizer, config.train.num_steps)
