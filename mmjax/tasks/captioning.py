@@ -53,7 +53,7 @@ class Caption(Task):
 
     dataset_task: ClassVar[str] = "contrastive"  # Datasets of (modality, caption) pairs.
     default_best_metric: ClassVar[str] = "token_accuracy"
-    metric_names: ClassVar[tuple[str, ...]] = ("token_accuracy", "perplexity")
+    metric_names: ClassVar[tuple[str, ...] | None] = None  # Evaluators (captioning) add generation metrics.
     per_example_loss: ClassVar[bool] = True
 
     def __post_init__(self):

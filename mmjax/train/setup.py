@@ -141,6 +141,7 @@ class Setup:
     batch_sharding: Any
     replicated: Any
     evaluators: list[Evaluator] = dataclasses.field(default_factory=list)
+    workdir: str | None = None  # Set by the train loop: where evaluators may write samples (e.g. captions).
 
     def train_step_fn(self):
         """The jitted train step over the mesh: `(state, global batch) -> (state, metrics)`, state donated.
