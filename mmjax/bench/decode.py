@@ -43,6 +43,12 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _generated(tokens: np.ndarray, eos: int) -> int:
+    """Tokens each row generated after [BOS]: up to and including its first [EOS], else all of them."""
+    ends = [np.flatnonzero(row[1:] == eos) for row in tokens]
+    return int(sum(e[0] + 1 if len(e) else tokens.shape[1] - 1 for e in ends))
+
+
 def run(args: argparse.Namespace) -> dict:
     """Compile and time generation with and without the cache; returns the figures printed by `main`."""
     config = ml_collections.ConfigDict(dict(
@@ -76,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
             start = time.perf_counter()
             out = jax.block_until_ready(compiled(variables, batch, jax.random.PRNGKey(0)))
             times.append(time.perf_counter() - start)
-        generated = int(np.sum(np.asarray(out["tokens"])[:, 1:] != decode_config.pad_id))
+        generated = _generated(np.asarray(out["tokens"]), eos)
         name = "cache" if use_cache else "no_cache"
         tokens[name] = np.asarray(out["tokens"])
         seconds = statistics.median(times)
