@@ -43,8 +43,8 @@ def test_importing_the_facades_registers_every_part():
         "spec_augment", "tokenize", "pad_or_truncate", "one_hot", "multi_hot", "standardize", "cast", "mfcc",
         "deltas", "cmvn",
     ])
-    assert tasks == ["classification", "clip", "itm", "multilabel", "regression", "siglip"]
-    assert evaluators == ["classical", "robustness", "split_metrics", "zero_shot"]
+    assert tasks == ["caption", "classification", "clip", "coca", "itm", "multilabel", "regression", "siglip"]
+    assert evaluators == ["captioning", "classical", "robustness", "split_metrics", "zero_shot"]
     assert {"small_cnn", "vit", "resnet18", "text_transformer", "minilm_l6", "spectrogram_cnn", "ast",
             "tabular_mlp", "vgg", "rnn"} <= set(encoders)
     assert len(fusions) == 16 and {"concat", "late", "bottleneck", "serial", "film"} <= set(fusions)
