@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import os
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -145,10 +146,13 @@ class Captioning(Evaluator):
                                      eos_id=eos, pad_id=pad)
 
     def _generate_fn(self, context: EvalContext, config: decoding.DecodeConfig):
-        """`generate` compiled once per run and decode config (its shardings follow the arrays it is given)."""
+        """`generate` compiled once per run and decode config (its shardings follow the arrays it is given). The
+        cache holds the run weakly: a finished variant's set-up (and its in-memory data) is not kept alive."""
+        for key in [k for k, (ref, _) in _COMPILED.items() if ref() is None]:
+            del _COMPILED[key]
         key = (id(context), config)
-        if key not in _COMPILED or _COMPILED[key][0] is not context:
-            _COMPILED[key] = (context, decoding.jit_generate(context.model, config))
+        if key not in _COMPILED or _COMPILED[key][0]() is not context:
+            _COMPILED[key] = (weakref.ref(context), decoding.jit_generate(context.model, config))
         return _COMPILED[key][1]
 
     def __call__(self, context: EvalContext, state: Any, split: str, outputs: Mapping[str, np.ndarray] | None,
