@@ -166,6 +166,24 @@ def _check_shapes_caption(workdir, stdout):
     assert "| model (test) | bleu4 | cider |" in stdout
 
 
+def _tiny_shapes_vqa(data_dir):
+    values = {"model.decoder.width": 16, "model.decoder.depth": 1, "model.decoder.num_heads": 2,
+              "model.decoder.mlp_dim": 32, "eval.splits": "test,test_seen", "checkpoint.best_metric": "test/accuracy"}
+    return [o for o in _tiny_shapes(data_dir, **values) if not o.startswith("model.two_tower")]
+
+
+def _check_shapes_vqa(workdir, stdout):
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    for split in ("test", "test_seen"):
+        metrics = results["splits"][split]
+        assert {"accuracy", "accuracy_colour", "accuracy_count", "accuracy_relation"} <= set(metrics)
+        assert all(0 <= metrics[k] <= 1 for k in ("accuracy", "accuracy_colour", "token_accuracy"))
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "samples.jsonl"))]
+    test = [r for r in rows if r["split"] == "test"]
+    assert [r["index"] for r in test] == list(range(TINY_SHAPES_SIZES["test"]))
+    assert {r["type"] for r in test} == {"colour", "count", "relation"} and all(r["question"] for r in test)
+
+
 def _tiny_classic_baselines(data_dir):
     """VGG-11 of width 2, an LSTM of 4 units, 3 steps; Intents: Word2Vec of 8 dimensions, one epoch, 2 steps."""
     values = {
@@ -218,6 +236,7 @@ TINY = {
     ),
     "shapes_lit": (_tiny_shapes, _check_shapes(("lit",))),
     "shapes_caption": (_tiny_shapes_caption, _check_shapes_caption),
+    "shapes_vqa": (_tiny_shapes_vqa, _check_shapes_vqa),
     "shapes_itm": (
         lambda d: _tiny_shapes(d, **{"model.encoders.text.width": 16, "model.encoders.text.depth": 1,
                                      "model.encoders.text.num_heads": 2, "model.encoders.text.mlp_dim": 32,

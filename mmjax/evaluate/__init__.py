@@ -3,11 +3,12 @@
 `outputs` runs the model over a split and gathers per-example outputs; the evaluators: `split_metrics` (the task's
 exact metrics and loss), `zero_shot` (classification by class prompts), `robustness` (noisy and missing
 modalities), `classical` (SVM / random-forest late fusion on encoder features), `captioning` (generated captions:
-BLEU-4, CIDEr, exact match, attributes checked against the scene); `features` extracts pooled encoder features for
+BLEU-4, CIDEr, exact match, attributes checked against the scene), `vqa` (generated answers, accuracy per question
+type); `features` extracts pooled encoder features for
 any further analysis.
 """
 
-from mmjax.evaluate import captioning, classical, robustness, split_metrics, zero_shot  # noqa: F401  (register their evaluators)
+from mmjax.evaluate import captioning, classical, robustness, split_metrics, vqa, zero_shot  # noqa: F401  (register their evaluators)
 from mmjax.evaluate.evaluator import EVALUATORS, Evaluator, build_evaluators, evaluate
 
 __all__ = ["EVALUATORS", "Evaluator", "build_evaluators", "evaluate"]

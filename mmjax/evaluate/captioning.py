@@ -101,6 +101,56 @@ def _raw_source(context: EvalContext, split: str):
     return _SOURCES[key]
 
 
+def generate_fn(context: EvalContext, config: decoding.DecodeConfig):
+    """`generate` compiled once per run and decode config (its shardings follow the arrays it is given). The
+    cache holds the run weakly: a finished variant's set-up (and its in-memory data) is not kept alive."""
+    for key in [k for k, (ref, _) in _COMPILED.items() if ref() is None]:
+        del _COMPILED[key]
+    key = (id(context), config)
+    if key not in _COMPILED or _COMPILED[key][0]() is not context:
+        _COMPILED[key] = (weakref.ref(context), decoding.jit_generate(context.model, config))
+    return _COMPILED[key][1]
+
+
+def generate_split(context: EvalContext, state: Any, split: str, fn, total: int, seed: int = 0) -> np.ndarray:
+    """Generated ids `[total, length]` for every example of `split`, in source order: the evaluation batches
+    (conditioning modalities, their masks, `prompt`) sharded over the mesh, gathered from every process."""
+    model: Captioner = context.model
+    inputs = [*model.condition, *(f"{m}_mask" for m in model.condition), PROMPT_KEY]
+    variables = {"params": state.params, **state.model_state}
+    rng = jax.random.PRNGKey(seed)
+    global_batch = context.config.data.eval_batch_size
+    tokens, valid = [], []
+    for batch in pipeline.eval_batches(context.dataset, split, global_batch_size=global_batch):
+        present = {k: batch[k] for k in inputs if k in batch}
+        sharded = pipeline.to_global({**present, VALID_KEY: batch[VALID_KEY]}, context.batch_sharding)
+        valid_rows = sharded.pop(VALID_KEY)
+        result = fn(variables, sharded, rng)
+        gathered = multihost_utils.process_allgather({"tokens": result["tokens"], "valid": valid_rows}, tiled=True)
+        tokens.append(np.asarray(gathered["tokens"]))
+        valid.append(np.asarray(gathered["valid"]))
+    tokens, valid = np.concatenate(tokens), np.concatenate(valid).astype(bool)
+    order = source_order(total, global_batch)
+    if not np.array_equal(order >= 0, valid):
+        raise RuntimeError("evaluation rows do not follow the expected source order")
+    generated = np.empty((total, tokens.shape[1]), tokens.dtype)
+    generated[order[valid]] = tokens[valid]
+    return generated
+
+
+def special_ids(tokenizer) -> tuple[int, int, int]:
+    """([BOS], [EOS], [PAD]) ids of a wordpiece / word-level tokenizer."""
+    ids = tuple(tokenizer.token_to_id(t) for t in SPECIAL_TOKENS)
+    if None in ids:
+        raise ValueError(f"the tokenizer has no {SPECIAL_TOKENS} (begin, end, padding) tokens")
+    return ids
+
+
+def decode_text(tokenizer, ids: np.ndarray, config: decoding.DecodeConfig) -> str:
+    """The words of generated ids ([BOS] first), up to the first [EOS]."""
+    return _text(tokenizer, ids, config.eos_id, {config.bos_id, config.eos_id, config.pad_id})
+
+
 @EVALUATORS.register("captioning")
 @dataclasses.dataclass(frozen=True)
 class Captioning(Evaluator):
@@ -135,53 +185,19 @@ class Captioning(Evaluator):
         return None
 
     def decode_config(self, context: EvalContext) -> decoding.DecodeConfig:
-        tokenizer = _tokenizer(context)
-        bos, eos, pad = (tokenizer.token_to_id(t) for t in SPECIAL_TOKENS)
-        if None in (bos, eos, pad):
-            raise ValueError(f"the tokenizer has no {SPECIAL_TOKENS} (begin, end, padding) tokens")
+        bos, eos, pad = special_ids(_tokenizer(context))
         max_length = self.max_length or int(context.config.data.get("max_len", shapes_captions.MAX_LEN))
         return decoding.DecodeConfig(max_length=max_length, method=self.method, beam_size=self.beam_size,
                                      length_penalty=self.length_penalty, temperature=self.temperature,
                                      top_k=self.top_k, top_p=self.top_p, use_cache=self.use_cache, bos_id=bos,
                                      eos_id=eos, pad_id=pad)
 
-    def _generate_fn(self, context: EvalContext, config: decoding.DecodeConfig):
-        """`generate` compiled once per run and decode config (its shardings follow the arrays it is given). The
-        cache holds the run weakly: a finished variant's set-up (and its in-memory data) is not kept alive."""
-        for key in [k for k, (ref, _) in _COMPILED.items() if ref() is None]:
-            del _COMPILED[key]
-        key = (id(context), config)
-        if key not in _COMPILED or _COMPILED[key][0]() is not context:
-            _COMPILED[key] = (weakref.ref(context), decoding.jit_generate(context.model, config))
-        return _COMPILED[key][1]
-
     def __call__(self, context: EvalContext, state: Any, split: str, outputs: Mapping[str, np.ndarray] | None,
                  batches: Iterable[Mapping[str, np.ndarray]] | None = None) -> dict:
         del outputs, batches  # It reads the split itself, in source order, to align captions with references.
         config = self.decode_config(context)
-        fn = self._generate_fn(context, config)
-        model: Captioner = context.model
-        inputs = [*model.condition, *(f"{m}_mask" for m in model.condition), PROMPT_KEY]
-        variables = {"params": state.params, **state.model_state}
-        rng = jax.random.PRNGKey(self.seed)
-        global_batch = context.config.data.eval_batch_size
-        tokens, valid = [], []
-        for batch in pipeline.eval_batches(context.dataset, split, global_batch_size=global_batch):
-            present = {k: batch[k] for k in inputs if k in batch}
-            sharded = pipeline.to_global({**present, VALID_KEY: batch[VALID_KEY]}, context.batch_sharding)
-            valid_rows = sharded.pop(VALID_KEY)
-            result = fn(variables, sharded, rng)
-            gathered = multihost_utils.process_allgather({"tokens": result["tokens"], "valid": valid_rows},
-                                                         tiled=True)
-            tokens.append(np.asarray(gathered["tokens"]))
-            valid.append(np.asarray(gathered["valid"]))
-        tokens, valid = np.concatenate(tokens), np.concatenate(valid).astype(bool)
         source = _raw_source(context, split)
-        order = source_order(len(source), global_batch)
-        if not np.array_equal(order >= 0, valid):
-            raise RuntimeError("captioning: evaluation rows do not follow the expected source order")
-        generated = np.empty((len(source), tokens.shape[1]), tokens.dtype)
-        generated[order[valid]] = tokens[valid]
+        generated = generate_split(context, state, split, generate_fn(context, config), len(source), self.seed)
         return self._score(context, split, source, generated, config)
 
     def _score(self, context, split, source, generated: np.ndarray, config: decoding.DecodeConfig) -> dict:

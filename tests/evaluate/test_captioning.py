@@ -87,11 +87,28 @@ def tiny_config(tmp_path_factory):
     (lambda c: c.eval.captioning.update(max_length=1), "max_length=1 must exceed the prompt"),
     (lambda c: c.model.decoder.update(condition=("image", "audio")),
      r"condition=\['image', 'audio'\]: the decoder conditions on \['audio'\], but the model has no encoder"),
-], ids=["vocab_mismatch", "beam_below_1", "max_length_over_context", "max_length_within_prompt", "no_encoder"])
+    (lambda c: c.model.decoder.update(use_prompt=True),
+     r"reads batch key\(s\) \['prompt'\] that dataset 'shapes_captions' does not provide"),
+], ids=["vocab_mismatch", "beam_below_1", "max_length_over_context", "max_length_within_prompt", "no_encoder",
+        "prompt_not_in_data"])
 def test_bad_decoding_requests_fail_at_setup(tiny_config, change, message):
     import ml_collections
 
     config = ml_collections.ConfigDict(tiny_config.to_dict())
     change(config)
     with pytest.raises(ValueError, match=message):
+        setup_lib.setup(config)
+
+
+def test_a_question_longer_than_the_decoder_context_fails_at_setup(tiny_config):
+    from experiments import shapes_vqa
+
+    config = shapes_vqa.get_config()
+    config.data.data_dir = tiny_config.data.data_dir
+    config.model.encoders.image = tiny_config.model.encoders.image.to_dict()
+    config.model.decoder.update(width=16, depth=1, num_heads=2, mlp_dim=32, max_len=16)
+    with pytest.raises(ValueError, match=r"prompt \(16\) \+ text \(2\) tokens exceed the decoder's max_len=16"):
+        setup_lib.setup(config)
+    config.model.decoder.max_len = 18  # Training fits (16 + 2 input tokens); generation's 19 positions do not.
+    with pytest.raises(ValueError, match="config eval.vqa: decode max_length=19 exceeds the decoder's max_len=18"):
         setup_lib.setup(config)

@@ -67,6 +67,7 @@ class Captioner(nn.Module):
     mlp_dim: int | None = None
     dropout: float = 0.0
     pad_id: int = 0
+    use_prompt: bool = False  # Read the batch's `prompt` (e.g. a question) before the text.
     embed_dim: int = 0
     contrastive: Sequence[str] = ("image", "text")
     logit_scale_init: float = CLIP_LOGIT_SCALE_INIT
@@ -104,7 +105,7 @@ class Captioner(nn.Module):
     @property
     def extra_inputs(self) -> tuple[str, ...]:
         """Batch keys the model reads besides its encoders' modalities (the train loop feeds them)."""
-        return (TEXT_KEY,)
+        return (TEXT_KEY, PROMPT_KEY) if self.use_prompt else (TEXT_KEY,)
 
     # ------------------------------------------------------------------------------------------ conditioning
 
@@ -214,7 +215,7 @@ class Captioner(nn.Module):
 
 # `config.model.decoder` fields (`Captioner` fields besides the encoders and the dtype).
 FIELDS = ("condition", "mode", "vocab_size", "max_len", "width", "depth", "num_heads", "mlp_dim", "dropout", "pad_id",
-          "embed_dim", "contrastive", "logit_scale_init")
+          "use_prompt", "embed_dim", "contrastive", "logit_scale_init")
 
 
 def build_captioner(model_config, encoders: Mapping[str, nn.Module], dtype) -> Captioner:
