@@ -35,6 +35,8 @@ setup(
         "flatbuffers>=24.3,<26",  # jax.export serialization (python -m mmjax.export); 25.12.19 tested.
         "optuna>=5.1,<6",  # Parallel sweeps (mmjax.sweep.study) on a SQLite / SQLAlchemy study; 5.1.0 tested.
         "submitit>=1.5,<2",  # SLURM jobs with requeue on pre-emption (mmjax.launch); 1.5.4 tested.
+        "sacrebleu>=2.4,<3",  # BLEU-4 of generated captions (mmjax.evaluate.captioning); 2.6.0 tested.
+        "pycocoevalcap>=1.2,<1.3",  # CIDEr-D of generated captions (the COCO caption evaluation code); 1.2 tested.
     ],
     extras_require={
         # -n auto: one worker per core; lint-imports checks the layers (.importlinter), ruff the style (ruff.toml).

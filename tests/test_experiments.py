@@ -143,6 +143,47 @@ def _check_shapes_itm(workdir, stdout):
     assert 0 <= cross["itm_binding_accuracy"] <= 1
 
 
+def _tiny_shapes_caption(data_dir):
+    values = {"model.decoder.width": 16, "model.decoder.depth": 1, "model.decoder.num_heads": 2,
+              "model.decoder.mlp_dim": 32, "eval.captioning.grid": 4}
+    return [o for o in _tiny_shapes(data_dir, **values) if not o.startswith("model.two_tower")]
+
+
+def _check_shapes_caption(workdir, stdout):
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert set(summary) == {"cross", "prefix"}
+    for variant, splits in summary.items():
+        for split in ("test", "test_seen"):
+            metrics = splits[split]
+            assert 0 <= metrics["bleu4"] <= 100 and metrics["cider"] >= 0 and 0 <= metrics["token_accuracy"] <= 1
+            assert 0 <= metrics["caption_true"] <= metrics["attributes_true"] <= metrics["grammatical"] <= 1
+        rows = [json.loads(line) for line in open(os.path.join(workdir, variant, "samples.jsonl"))]
+        test = [r for r in rows if r["split"] == "test"]
+        assert [r["index"] for r in test] == list(range(TINY_SHAPES_SIZES["test"]))
+        assert all(len(r["references"]) == 4 and isinstance(r["generated"], str) for r in test)
+        assert {r["split"] for r in rows} == {"validation", "test", "test_seen"}
+        assert os.path.getsize(os.path.join(workdir, variant, "captions_test.png")) > 0
+    assert "| model (test) | bleu4 | cider |" in stdout
+
+
+def _tiny_shapes_vqa(data_dir):
+    values = {"model.decoder.width": 16, "model.decoder.depth": 1, "model.decoder.num_heads": 2,
+              "model.decoder.mlp_dim": 32, "eval.splits": "test,test_seen", "checkpoint.best_metric": "test/accuracy"}
+    return [o for o in _tiny_shapes(data_dir, **values) if not o.startswith("model.two_tower")]
+
+
+def _check_shapes_vqa(workdir, stdout):
+    results = json.load(open(os.path.join(workdir, "results.json")))
+    for split in ("test", "test_seen"):
+        metrics = results["splits"][split]
+        assert {"accuracy", "accuracy_colour", "accuracy_count", "accuracy_relation"} <= set(metrics)
+        assert all(0 <= metrics[k] <= 1 for k in ("accuracy", "accuracy_colour", "token_accuracy"))
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "samples.jsonl"))]
+    test = [r for r in rows if r["split"] == "test"]
+    assert [r["index"] for r in test] == list(range(TINY_SHAPES_SIZES["test"]))
+    assert {r["type"] for r in test} == {"colour", "count", "relation"} and all(r["question"] for r in test)
+
+
 def _tiny_classic_baselines(data_dir):
     """VGG-11 of width 2, an LSTM of 4 units, 3 steps; Intents: Word2Vec of 8 dimensions, one epoch, 2 steps."""
     values = {
@@ -237,6 +278,8 @@ TINY = {
         _check_shapes(("clip", "siglip")),
     ),
     "shapes_lit": (_tiny_shapes, _check_shapes(("lit",))),
+    "shapes_caption": (_tiny_shapes_caption, _check_shapes_caption),
+    "shapes_vqa": (_tiny_shapes_vqa, _check_shapes_vqa),
     "shapes_itm": (
         lambda d: _tiny_shapes(d, **{"model.encoders.text.width": 16, "model.encoders.text.depth": 1,
                                      "model.encoders.text.num_heads": 2, "model.encoders.text.mlp_dim": 32,

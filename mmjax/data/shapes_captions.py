@@ -144,6 +144,11 @@ __all__ = [
     "build",
     "build_tokenizer",
     "caption_holds",
+    "judge_caption",
+    "parse_caption",
+    "ParsedCaption",
+    "raw_source",
+    "scene_objects",
     "class_prompts",
     "colour_prompts",
     "dataset",
@@ -329,6 +334,84 @@ def caption_holds(caption: Caption, objects: Sequence[SceneObject]) -> bool:
         if all(relation_holds(chosen[i], chosen[j], r) for (i, j), r in relations):
             return True
     return False
+
+
+# ------------------------------------------------------------------------------------------ caption parser
+# A reading of caption TEXT (e.g. a model's generated caption) that does not go through TEMPLATES: regular
+# expressions of the grammar's noun phrases and relations, so generated text is judged on what it says.
+
+_SIZE_RE, _COLOUR_RE, _SHAPE_RE = (f"({'|'.join(words)})" for words in (SIZES, COLOURS, SHAPES))
+_RELATION_RE = f"({'|'.join(RELATIONS)})"
+_PHRASE_RE = f"a {_SIZE_RE} {_COLOUR_RE} {_SHAPE_RE}"
+_PREFIXES = ("there is ", "a picture of ", "an image with ")
+
+
+class ParsedCaption(NamedTuple):
+    """What a caption text states: mentions `(size, colour, shape)` and relations `(i, relation, j)` between them."""
+
+    mentions: tuple[Mention, ...]
+    relations: tuple[tuple[int, str, int], ...]
+
+
+def parse_caption(text: str) -> ParsedCaption | None:
+    """The mentions and relations a caption states, or None when the text is not in the captions' grammar."""
+    text = " ".join(text.lower().split())
+    for prefix in _PREFIXES:
+        if text.startswith(prefix + "a "):
+            text = text[len(prefix):]
+            break
+    match = re.fullmatch(f"a {_COLOUR_RE} {_SHAPE_RE} that is {_SIZE_RE}", text)
+    if match:
+        colour, shape, size = match.groups()
+        return ParsedCaption((Mention(size, colour, shape),), ())
+    mentions: list[Mention] = []
+    relations: list[tuple[int, str, int]] = []
+    for clause in text.split(" , and "):
+        base = len(mentions)
+        if m := re.fullmatch(_PHRASE_RE, clause):
+            mentions.append(Mention(*m.groups()))
+        elif m := re.fullmatch(f"{_PHRASE_RE} and {_PHRASE_RE}", clause):
+            mentions += [Mention(*m.groups()[:3]), Mention(*m.groups()[3:])]
+        elif m := re.fullmatch(f"{_PHRASE_RE} (?:is )?{_RELATION_RE} {_PHRASE_RE}(?: and {_RELATION_RE} "
+                               f"{_PHRASE_RE})?", clause):
+            g = m.groups()
+            mentions += [Mention(*g[0:3]), Mention(*g[4:7])]
+            relations.append((base, g[3], base + 1))
+            if g[7] is not None:
+                mentions.append(Mention(*g[8:11]))
+                relations.append((base, g[7], base + 2))
+        else:
+            return None
+    return ParsedCaption(tuple(mentions), tuple(relations))
+
+
+def judge_caption(text: str, objects: Sequence[SceneObject]) -> dict[str, bool | float]:
+    """How true a caption text is of a scene (by :func:`parse_caption`): `grammatical`; `attributes_true` (every
+    mentioned size-colour-shape is an object of the scene, and no object is mentioned twice); `true` (moreover
+    some assignment of mentions to distinct objects makes every relation hold); `object_recall` (the share of the
+    scene's objects it mentions)."""
+    parsed = parse_caption(text)
+    if parsed is None:
+        return {"grammatical": False, "attributes_true": False, "true": False, "object_recall": 0.0}
+    present = {o.mention for o in objects}
+    distinct = len(set(parsed.mentions)) == len(parsed.mentions)
+    attributes = distinct and all(m in present for m in parsed.mentions)
+    holds = False
+    if attributes:
+        for chosen in itertools.permutations(objects, len(parsed.mentions)):
+            if all(o.mention == m for o, m in zip(chosen, parsed.mentions)) and all(
+                    relation_holds(chosen[i], chosen[j], r) for i, r, j in parsed.relations):
+                holds = True
+                break
+    recall = len(present & set(parsed.mentions)) / len(present)
+    return {"grammatical": True, "attributes_true": attributes, "true": holds, "object_recall": recall}
+
+
+def scene_objects(scene: str | Mapping[str, Any]) -> tuple[SceneObject, ...]:
+    """The objects of a ``scene`` feature (JSON text or its parsed dict)."""
+    data = json.loads(scene) if isinstance(scene, str) else scene
+    return tuple(SceneObject(o["shape"], o["colour"], o["size"], o["row"], o["col"], o["x"], o["y"], tuple(o["rgb"]))
+                 for o in data["objects"])
 
 
 def _held_out(colour: str, shape: str) -> bool:
@@ -845,6 +928,12 @@ class ShapesCaptionsAugment:
     def __call__(self, example: Mapping[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
         choice = int(rng.integers(CAPTIONS_PER_SCENE))
         return {"image": example["image"], "text": np.asarray(example["text"])[choice], "label": example["label"]}
+
+
+def raw_source(data_config: Mapping[str, Any], split: str) -> ShapesSource:
+    """The examples of a built split as stored (image, captions, scene, ...), whatever `data.cache_in_memory` did
+    to the dataset's preprocessed source: e.g. the references and scenes of generated captions."""
+    return ShapesSource(build(data_config.get("data_dir") or None).as_data_source(split=split))
 
 
 @DATASETS.register("shapes_captions")

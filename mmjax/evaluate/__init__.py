@@ -3,14 +3,18 @@
 `outputs` runs the model over a split and gathers per-example outputs; the evaluators: `split_metrics` (the task's
 exact metrics and loss), `zero_shot` (classification by class prompts), `robustness` (noisy and missing
 modalities), `classical` (SVM / random-forest late fusion on encoder features), `modality_diagnostics` (how much a
-fused classifier relies on each modality); `features` extracts pooled encoder features for any further analysis.
+fused classifier relies on each modality), `captioning` (generated captions: BLEU-4, CIDEr, exact match, attributes
+checked against the scene), `vqa` (generated answers, accuracy per question type); `features` extracts pooled
+encoder features for any further analysis.
 """
 
 from mmjax.evaluate import (  # noqa: F401  (register their evaluators)
+    captioning,
     classical,
     diagnostics,
     robustness,
     split_metrics,
+    vqa,
     zero_shot,
 )
 from mmjax.evaluate.evaluator import EVALUATORS, Evaluator, build_evaluators, evaluate

@@ -34,6 +34,7 @@ class EvalContext(Protocol):
     model: Any
     task: Any
     batch_sharding: jax.sharding.Sharding
+    workdir: str | None  # Where evaluators may write files (generated samples); None outside a training run.
 
     @property
     def eval_keys(self) -> list[str]: ...

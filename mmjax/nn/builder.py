@@ -1,7 +1,7 @@
 """`build_model(config.model)`: the model a config names, with every field checked before anything is traced.
 
-Builds `MultimodalModel` (encoders -> fusion -> head), `TwoTower` or `MatchingModel` from registered encoders,
-fusions and heads (importing this module registers all of them).
+Builds `MultimodalModel` (encoders -> fusion -> head), `TwoTower`, `MatchingModel` or `Captioner` from registered
+encoders, fusions and heads (importing this module registers all of them).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from mmjax.nn.encoders import image as _image  # noqa: F401
 from mmjax.nn.encoders import recurrent as _recurrent  # noqa: F401
 from mmjax.nn.encoders import tabular as _tabular  # noqa: F401
 from mmjax.nn.encoders import text as _text  # noqa: F401
+from mmjax.nn.models.captioner import build_captioner
 from mmjax.nn.models.matching import build_matching
 from mmjax.nn.models.multimodal import MultimodalModel
 from mmjax.nn.models.two_tower import TwoTower
@@ -133,7 +134,7 @@ def build_module(registry: Registry, cfg: ml_collections.ConfigDict, where: str,
     return functools.partial(cls, **kwargs, **extra)
 
 
-MODEL_KINDS = ("fusion", "two_tower", "matching")
+MODEL_KINDS = ("fusion", "two_tower", "matching", "captioner")
 
 
 def _check_dtype(model_config: ml_collections.ConfigDict) -> str | None:
@@ -148,7 +149,8 @@ def build_model(model_config: ml_collections.ConfigDict, *,
                 unimodal_scores: bool = False, learned_log_vars: bool = False) -> nn.Module:
     """Builds the model of `config.model`: `name` "fusion" (default; `MultimodalModel`: encoders per modality,
     fusion, head), "two_tower" (`TwoTower` dual encoder for contrastive training) or "matching" (`MatchingModel`:
-    dual encoder + image–text matching cross-encoder, config group `model.matching`).
+    dual encoder + image–text matching cross-encoder, config group `model.matching`) or "captioner"
+    (`Captioner`: a text decoder over the encoders' tokens, config group `model.decoder`).
 
     `model.dtype` (e.g. "bfloat16") is the compute dtype of every module that does not set its own; parameters
     stay float32 and losses are computed in float32 (mixed precision).
@@ -170,13 +172,15 @@ def build_model(model_config: ml_collections.ConfigDict, *,
         for m in sorted(model_config.encoders)
     }
     aux = model_config.get("aux_heads") or {}
-    if kind in ("two_tower", "matching") and (task_heads or aux or unimodal_scores):
+    if kind in ("two_tower", "matching", "captioner") and (task_heads or aux or unimodal_scores):
         raise ValueError(f"config model.name={kind!r}: task heads (config tasks), model.aux_heads and gradient "
                          "modulation need a fusion model (model.name='fusion')")
     if kind == "two_tower":
         return _build_two_tower(model_config, encoders, dtype)
     if kind == "matching":
         return build_matching(model_config, encoders, dtype)
+    if kind == "captioner":
+        return build_captioner(model_config, encoders, dtype)
     if task_heads:
         fusion = build_module(FUSIONS, model_config.fusion, "model.fusion", dtype)
         return _build_multitask(model_config, encoders, fusion, task_heads, dtype, aux, unimodal_scores,

@@ -8,6 +8,7 @@ Parameter names (`attention/{query,key,value,out}`, `ln_attention`, `mlp/{fc1,fc
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -171,6 +172,11 @@ class MultiHeadAttention(nn.Module):
 
     It equals Flax's module to float rounding (tests/nn/test_attention.py, float32 and bfloat16, with masks,
     values and gradients); parameters and checkpoints are interchangeable between the two.
+
+    `decode=True` (self-attention only; autoregressive decoding, `mmjax.nn.decoding`) keeps a key/value cache in
+    the "cache" collection: the first call (with the full-length input) only creates it, zero-filled; each later
+    call writes its tokens' keys and values at `cache_index`, advances it, and attends over the whole cache with
+    `mask` (`[B, 1, T, cache length]`, which must hide the positions not written yet).
     """
 
     num_heads: int
@@ -179,8 +185,10 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None, *,
-                 deterministic: bool) -> jax.Array:
+                 deterministic: bool, decode: bool = False) -> jax.Array:
         width = x.shape[-1]
+        if decode and context is not None:
+            raise ValueError("MultiHeadAttention: the key/value cache (decode=True) is for self-attention only")
         if width % self.num_heads:
             raise ValueError(f"attention width {width} is not divisible by num_heads={self.num_heads}")
         heads, head_dim = self.num_heads, width // self.num_heads
@@ -201,6 +209,8 @@ class MultiHeadAttention(nn.Module):
                 dtype=self.dtype)
             q = self._split_heads(x @ q_kernel + q_bias, 1)[:, :, 0]
             k, v = jnp.moveaxis(self._split_heads(context @ kv_kernel + kv_bias, 2), 2, 0)
+        if decode:
+            k, v = self._cached(k, v)
         if self.dropout_rate > 0 and not deterministic:
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.dropout_rate,
                                         (*q.shape[:3], k.shape[2]))
@@ -210,6 +220,21 @@ class MultiHeadAttention(nn.Module):
         context_heads = jnp.swapaxes(context_heads, 1, 2)  # [B, T, H, Dh]
         out_kernel, out_bias = promote_dtype(out_kernel.reshape(-1, width), out_bias, dtype=v.dtype)
         return context_heads.reshape(*context_heads.shape[:2], -1) @ out_kernel + out_bias
+
+    def _cached(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The whole `[B, H, S, Dh]` key/value cache with `k`, `v` (`[B, H, T, Dh]`) written at the cache index."""
+        initialised = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
+        if not initialised:  # The creating call: the cache spans this input's length.
+            return k, v
+        start = (0, 0, index.value, 0)
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, k.astype(cached_key.value.dtype), start)
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, v.astype(cached_value.value.dtype),
+                                                          start)
+        index.value = index.value + k.shape[2]
+        return cached_key.value, cached_value.value
 
     def _split_heads(self, y: jax.Array, parts: int) -> jax.Array:
         """`[B, T, parts * H * Dh]` (projections side by side) -> `[B, H, parts, T, Dh]`."""
@@ -238,7 +263,8 @@ class TransformerBlock(nn.Module):
     """Multi-head attention + MLP with residuals, pre-LN or post-LN.
 
     `mask` is the `[B, 1, Tq, Tk]` attention mask (see `attention_mask`); `context` (optional) supplies keys and
-    values for cross-attention. Softmax runs in float32 whatever the compute dtype.
+    values for cross-attention. Softmax runs in float32 whatever the compute dtype. `decode=True` keeps the
+    self-attention's key/value cache (packed attention only; see `MultiHeadAttention`).
     """
 
     num_heads: int
@@ -253,12 +279,16 @@ class TransformerBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, mask: jax.Array | None, context: jax.Array | None, deterministic: bool
+        self, x: jax.Array, mask: jax.Array | None, context: jax.Array | None, deterministic: bool,
+        decode: bool = False,
     ) -> jax.Array:
         norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)  # noqa: E731
         impl = resolve_attention(self.attention_impl, self.dtype, self.attention_dropout)
         if impl == "packed":
-            attention = MultiHeadAttention(self.num_heads, self.attention_dropout, self.dtype, name="attention")
+            packed = MultiHeadAttention(self.num_heads, self.attention_dropout, self.dtype, name="attention")
+            attention = functools.partial(packed, decode=decode)
+        elif decode:
+            raise ValueError(f"the key/value cache needs attention_impl='packed', not {impl!r}")
         else:
             flax_attention = nn.MultiHeadDotProductAttention(
                 num_heads=self.num_heads,

@@ -65,6 +65,7 @@ def _run(config, workdir, budget: reliability.TimeBudget, nonfinite: str, patien
     stop = StopRequest()
     with stop.installed():
         s = setup(config)
+        s.workdir = workdir  # Evaluators that write samples (captioning) put them here.
         dataset, spec = s.dataset, s.spec
         check_workdir(workdir, config, spec)
         workdir_lib.check_saved_step(workdir, config.train.num_steps)

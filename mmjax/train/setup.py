@@ -204,6 +204,7 @@ class Setup:
     replicated: Any
     evaluators: list[Evaluator] = dataclasses.field(default_factory=list)
     modulation: GradientModulation | None = None  # config.train.modulation (OGM-GE), see `mmjax.train.modulation`.
+    workdir: str | None = None  # Set by the train loop: where evaluators may write samples (e.g. captions).
 
     def train_step_fn(self):
         """The jitted train step over the mesh: `(state, global batch) -> (state, metrics)`, state donated.
@@ -291,6 +292,12 @@ def setup(config: ml_collections.ConfigDict, *, training: bool = True) -> Setup:
     missing = sorted(k for k in keys if k not in full_spec)
     if missing:
         raise ValueError(f"dataset {dataset.name!r} has no {missing} (config task); its keys: {sorted(full_spec)}")
+    extra = [k for k in getattr(model, "extra_inputs", ()) if k not in keys]  # E.g. a decoder's captions.
+    missing = [k for k in extra if k not in full_spec]
+    if missing:
+        raise ValueError(f"model {config.model.get('name')!r} reads batch key(s) {missing} that dataset "
+                         f"{dataset.name!r} does not provide (it has {sorted(full_spec)})")
+    keys = keys + extra
     spec = {k: full_spec[k] for k in keys}
     frozen = tuple(config.train.get("frozen", ()))
     tx = optimizer.build_optimizer(config.optimizer, config.train.num_steps)

@@ -18,7 +18,7 @@ def test_every_task_declares_its_labels_best_metric_and_coupling():
         assert cls.dataset_task in ("classification", "multilabel", "regression", "contrastive"), name
         assert isinstance(cls.default_best_metric, str) and cls.default_best_metric, name
         assert cls.metric_names is None or cls.default_best_metric in cls.metric_names, name
-    assert [n for n in TASKS.names() if not TASKS.get(n).per_example_loss] == ["clip", "itm", "siglip"]
+    assert [n for n in TASKS.names() if not TASKS.get(n).per_example_loss] == ["clip", "coca", "itm", "siglip"]
 
 
 def test_a_task_missing_part_of_the_interface_cannot_be_built():
