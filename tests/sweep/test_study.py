@@ -141,3 +141,20 @@ def test_the_median_pruner_stops_a_hopeless_trial_early(av_digits_dir, tmp_path)
     assert [r["trial"] for r in result["leaderboard"]] == [1, 2]
     states = [t.state.name for t in _study(workdir).trials]
     assert states == ["COMPLETE", "COMPLETE", "PRUNED"]
+
+
+def test_tpe_and_random_samplers_draw_the_asked_number_of_trials_from_the_distributions(av_digits_dir, tmp_path):
+    for sampler in ("random", "tpe"):
+        workdir = tmp_path / sampler
+        argv = _argv(workdir, av_digits_dir, "--grid", "optimizer.lr=loguniform(1e-3,1e-2)",
+                     "--grid", "model.fusion.name=[concat,sum]", *OPTUNA, "--sampler", sampler, "--trials", "3")
+        result = command.main(argv)
+        assert [t["status"] for t in result["trials"]] == ["done"] * 3
+        for entry in result["trials"]:
+            lr = entry["values"]["optimizer.lr"]
+            assert 1e-3 <= lr <= 1e-2 and entry["values"]["model.fusion.name"] in ("concat", "sum")
+            assert entry["name"].startswith(f"trial_{entry['index']:03d}_lr=")
+            saved = json.load(open(workdir / entry["name"] / "early" / "config.json"))
+            assert saved["optimizer"]["lr"] == lr  # The sampled value is the one the trial trained with.
+        assert len(result["leaderboard"]) == 3 and (workdir / "leaderboard.png").exists()
+        assert command.main(argv)["leaderboard"] == result["leaderboard"]  # A finished study runs nothing more.
