@@ -27,12 +27,13 @@ import ml_collections
 
 from mmjax import experiment
 from mmjax.config import base_config
-from mmjax.data import shapes_vqa
 
 METRICS = ("accuracy", "accuracy_colour", "accuracy_count", "accuracy_relation")
 
 
 def get_config() -> ml_collections.ConfigDict:
+    from mmjax.data import shapes_vqa  # Its sizes; imported here so that loading this module stays light (numpy).
+
     config = base_config()
     config.name = "shapes_vqa"
     config.data.name = "shapes_vqa"
