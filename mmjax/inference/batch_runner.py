@@ -142,8 +142,8 @@ class Runner:
                         try:
                             example = prepare(row)
                             valid[slot] = 1
-                        except Absent:
-                            pass
+                        except Absent:  # No input for this row: the placeholder, left out; not an error.
+                            example = None
                         except ValueError as error:
                             failed[row] = error
                     local.append(example if example is not None else placeholder)

@@ -60,12 +60,10 @@ def parse(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Sweep,
         else:
             study_options(args).check()
         sweep = build_sweep(args, fixed)
-        saved = None
-        if args.dry_run:
-            pass
-        elif args.backend == "serial":
+        saved = None  # A dry run reads no workdir.
+        if not args.dry_run and args.backend == "serial":
             saved = check_workdir(sweep, os.path.abspath(args.workdir))
-        else:
+        elif not args.dry_run:
             check_study_workdir(os.path.abspath(args.workdir))
     except (SweepError, config_lib.ConfigError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
