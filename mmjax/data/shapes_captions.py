@@ -143,6 +143,7 @@ __all__ = [
     "ZERO_SHOT_TEMPLATES",
     "build",
     "build_tokenizer",
+    "word_level_tokenizer",
     "caption_holds",
     "judge_caption",
     "parse_caption",
@@ -798,8 +799,13 @@ def build_tokenizer() -> Tokenizer:
     Lowercases, splits on whitespace and punctuation (BERT's pre-tokenizer) and wraps texts as [CLS] ... [SEP],
     like the wordpiece tokenizers of :mod:`mmjax.data.tokenization`. Deterministic: no training.
     """
+    return word_level_tokenizer(vocabulary())
+
+
+def word_level_tokenizer(words: Sequence[str]) -> Tokenizer:
+    """The word-level tokenizer of :func:`build_tokenizer` over `words` (after the 5 special tokens)."""
     specials = SPECIAL_TOKENS["wordpiece"]
-    vocab = {token: i for i, token in enumerate(specials + vocabulary())}
+    vocab = {token: i for i, token in enumerate([*specials, *words])}
     result = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[1]))
     result.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
     result.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

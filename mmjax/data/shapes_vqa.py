@@ -26,12 +26,12 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer
 
 from mmjax.data import shapes_captions as sc
 from mmjax.data.core import Dataset, build_on_process_zero
 from mmjax.data.tfds_builder import split_sizes
-from mmjax.data.tokenization import SPECIAL_TOKENS, encode_texts
+from mmjax.data.tokenization import encode_texts
 from mmjax.registry import DATASETS
 
 QUESTION_TYPES = ("colour", "count", "relation")
@@ -72,16 +72,9 @@ def vocabulary() -> tuple[str, ...]:
 
 
 def build_tokenizer() -> Tokenizer:
-    """Word-level tokenizer: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, then :func:`vocabulary`; [CLS] ... [SEP]."""
-    specials = SPECIAL_TOKENS["wordpiece"]
-    vocab = {token: i for i, token in enumerate(specials + vocabulary())}
-    result = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[1]))
-    result.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    result.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    cls, sep = specials[2], specials[3]
-    result.post_processor = processors.TemplateProcessing(
-        single=f"{cls} $A {sep}", special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])])
-    return result
+    """Word-level tokenizer: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, then :func:`vocabulary`; [CLS] ... [SEP]
+    (Shapes-Captions' tokenizer over this vocabulary)."""
+    return sc.word_level_tokenizer(vocabulary())
 
 
 def tokenizer(data_config: Mapping[str, Any] | None = None) -> Tokenizer:
