@@ -20,7 +20,12 @@ Command (3 seeds, 300 steps of batch 64 per model; see README "Modality imbalanc
     python -m experiments.av_digits_imbalance --workdir /tmp/av_imbalance
 
 Writes WORKDIR/imbalance.md (the table: test split, mean ± std over the seeds) and imbalance.json, beside the
-fusion benchmark's results.md, results.csv and benchmark.json.
+fusion benchmark's results.md, results.csv and benchmark.json. Expected test accuracy (seeds 0-2, jax 0.10.2,
+2 shared CPU cores, 9 min 15 s):
+
+    image_only 0.8602 ± 0.0092   audio_only 0.1620 ± 0.0412   concat 0.3639 ± 0.1378   late_mean 0.4333 ± 0.0744
+    concat_aux 0.4815 ± 0.0723   concat_gblend 0.3537 ± 0.2473   concat_ogm_ge 0.6500 ± 0.0587
+    concat_modality_dropout 0.8130 ± 0.0407
 """
 
 from __future__ import annotations
