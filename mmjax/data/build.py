@@ -15,7 +15,10 @@ Task: with a label column, a classification dataset (multi-label with `--label-s
 `--paired`, a PAIRED dataset (task "contrastive"): its modalities are pairs (e.g. an image and its caption) that
 the contrastive and matching tasks (clip, siglip, itm) train on, with retrieval evaluation on the held-out splits;
 a label column is then kept as metadata (the examples' `label`) and gives the zero-shot evaluator its classes
-(`mmjax.data.files`). A paired dataset needs at least two modality columns.
+(`mmjax.data.files`). A paired dataset needs at least two modality columns. With a text column it is also what a
+text decoder trains on (`model.name = "captioner"`, task `caption`, `experiments/shapes_caption.py --preset files`
+or `files_audio`): the text (a caption, a transcript), tokenised by the build's tokenizer, is the batch's `text`,
+the decoder's target; the command printed at the end names the tokenizer's size (`model.decoder.vocab_size`).
 Image and audio cells are file paths, absolute or relative to the manifest's folder (`--root` sets another);
 text cells are the text itself, or paths to UTF-8 text files with `--text-files`. Labels are class names
 (`--classes a,b,c` fixes the list and its order; otherwise every label of a good row, sorted, numerically when
@@ -81,7 +84,7 @@ from typing import Any
 import numpy as np
 
 from mmjax.data.core import mask_key
-from mmjax.data.tokenization import save_tokenizer, tokenizer_path, train_tokenizer
+from mmjax.data.tokenization import save_tokenizer, tokenizer_from, tokenizer_path, train_tokenizer
 
 NAME = "files"  # TFDS dataset name: DIR/files/<VERSION>/.
 VERSION = "1.0.0"
@@ -751,6 +754,7 @@ class BuildReport:
     duplicates: Duplicates = dataclasses.field(default_factory=lambda: Duplicates([]))
     validation_carved: dict[str, Any] | None = None  # See `_carve_validation`.
     labelled: bool = True
+    text_vocab_size: int | None = None  # Tokens of the text tokenizer (a text decoder's vocab_size); None: no text.
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -772,6 +776,9 @@ class BuildReport:
                     if self.labelled else "no labels")
             lines.append(f"  paired ({' + '.join(self.modalities)}) for the contrastive and matching tasks "
                          f"(clip, siglip, itm); {kept}")
+            if self.text_vocab_size and len(self.modalities) > 1:
+                lines.append(f"  text as the target of a text decoder (captioner, task caption): tokenizer of "
+                             f"{self.text_vocab_size} tokens")
         else:
             lines.append(f"  {self.task}, {len(self.classes)} classes: {', '.join(self.classes[:20])}"
                          + (" ..." if len(self.classes) > 20 else ""))
@@ -797,6 +804,17 @@ def _train_tokenizer(plan: BuildPlan, vocab_size: int, directory: str) -> str:
     save_tokenizer(train_tokenizer(texts, kind="wordpiece", vocab_size=vocab_size),
                    os.path.join(directory, TOKENIZER_FILENAME))
     return TOKENIZER_FILENAME
+
+
+def _vocab_size(tokenizer: str | None, directory: str) -> int | None:
+    """Tokens of the dataset's recorded tokenizer ("minilm", a path, or TOKENIZER_FILENAME in `directory`)."""
+    if not tokenizer:
+        return None
+    path = os.path.join(directory, tokenizer) if tokenizer == TOKENIZER_FILENAME else tokenizer
+    try:
+        return tokenizer_from(path).get_vocab_size()
+    except (OSError, ValueError, ImportError):  # E.g. MiniLM's package gone since: the build itself stands.
+        return None
 
 
 def dataset_dir(out: str) -> str:
@@ -899,7 +917,7 @@ def build(manifest: str, out: str, options: Options | None = None, **kwargs) -> 
         examples={s: len(r) for s, r in plan.rows_by_split.items()}, skipped=len(checked.bad),
         bad_rows=checked.bad, classes=classes, modalities=modalities, optional=plan.optional,
         sample_rate=checked.sample_rate, task=plan.metadata()["task"], duplicates=duplicates,
-        validation_carved=carved, labelled=labelled,
+        validation_carved=carved, labelled=labelled, text_vocab_size=_vocab_size(plan.tokenizer, directory),
     )
     with open(os.path.join(out, REPORT_FILENAME), "w") as f:
         json.dump(report.to_json(), f, indent=2)
@@ -1047,6 +1065,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def caption_command(report: BuildReport) -> str:
+    """The command that trains and evaluates a captioner (text as the target) on a paired build with text."""
+    preset, reads = ("files", "images") if "image" in report.modalities else ("files_audio", "audio")
+    return (f"caption its {reads} (the text as the target) with: python -m experiments.shapes_caption --preset "
+            f"{preset} --workdir W --config.data.data_dir={report.out} "
+            f"--config.model.decoder.vocab_size={report.text_vocab_size} (README \"Captioning\")")
+
+
 def main(argv: Sequence[str] | None = None) -> BuildReport:
     args = parser().parse_args(argv)
     try:
@@ -1068,6 +1094,8 @@ def main(argv: Sequence[str] | None = None) -> BuildReport:
         print(f"train CLIP / SigLIP / ITM on it with, e.g.: python -m experiments.shapes_clip --workdir W "
               f"--config.data.name=files --config.data.data_dir={report.out} --config.model.num_classes={classes} "
               "--config.eval.splits=validation,test (see the README, \"Your own data\")")
+        if report.text_vocab_size and len(report.modalities) > 1:
+            print(caption_command(report))
     else:
         print(f"train on it with: --config.data.name=files --config.data.data_dir={report.out}")
     return report

@@ -27,6 +27,12 @@ carry `<modality>_mask` (1 present, 0 absent; absent values are zeros), which th
 
 `Dataset.inputs` (prediction and search on new files, `mmjax.data.raw_inputs`) are the same chains in their
 evaluation version, applied to a file's bytes, a waveform (resampled to the build's rate first) or a text.
+
+Generation: in a paired build with a text column, the batch's `text` (int32 [L], [CLS] ... [SEP] then [PAD] = 0,
+the build's tokenizer) is also the target of a text decoder (`model.name = "captioner"`, task `caption`) that
+conditions on the other modalities: image + caption, audio + transcript. `raw_source(data_config, split)` gives
+the stored text of each example as its reference caption (with the decoded image, for pictures) to the
+`captioning` evaluator.
 """
 
 from __future__ import annotations
@@ -42,8 +48,9 @@ import tensorflow_datasets as tfds
 from mmjax.data import ops
 from mmjax.data.build import NAME, TOKENIZER_FILENAME, VERSION, dataset_dir
 from mmjax.data.core import Dataset, mask_key
-from mmjax.data.raw_inputs import RawInput
+from mmjax.data.raw_inputs import RawInput, decode_image
 from mmjax.data.tfds_builder import split_sizes
+from mmjax.data.tokenization import as_text
 from mmjax.registry import DATASETS
 
 
@@ -165,3 +172,34 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
         example = augment(example, np.random.default_rng(0))
     _check_labels(example, result.task, result.num_classes)
     return result
+
+
+class FilesSource:
+    """A built split as the generation evaluators read it: per example `captions` (a list holding the stored
+    text: the one reference), `row` (the manifest's data row) and, in a build with images, `image` uint8
+    [H, W, 3] decoded from the stored file bytes (its own size)."""
+
+    def __init__(self, source, modalities: tuple[str, ...]):
+        self.source, self.modalities = source, modalities
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.source[int(index)]
+        record = {"captions": [as_text(example["text"])], "row": int(example["row"])}
+        if "image" in self.modalities:
+            record["image"] = decode_image(example["image"])
+        return record
+
+
+def raw_source(data_config: Mapping[str, Any], split: str) -> FilesSource:
+    """The stored examples of `split` of the build in `data.data_dir` (texts as references, images decoded),
+    whatever `data.cache_in_memory` did to the dataset's preprocessed source. A build without a text column has
+    no references: a ValueError says so."""
+    builder = open_built(data_config.get("data_dir", ""))
+    built = tuple((builder.info.metadata or {}).get("modalities", ()))
+    if "text" not in built:
+        raise ValueError(f"the dataset in {builder.data_dir} has no text (modalities {list(built)}): the reference "
+                         "captions / transcripts are the manifest's text column; rebuild with one")
+    return FilesSource(builder.as_data_source(split=split), built)

@@ -146,12 +146,17 @@ class RawInput:
         op = self._tokenize_op()
         return op.max_len if op is not None else self.max_len
 
-    def vocab_size(self) -> int | None:
-        """The size of the text tokenizer's vocabulary (text inputs), else None: token ids are below it."""
+    def tokenizer_source(self) -> TokenizerSource | None:
+        """What encodes the text (text inputs): the chain's `tokenize` tokenizer, else `tokenizer`; None otherwise.
+        A text decoder's ids are read back into words with it (`mmjax.evaluate.captioning`)."""
         if self.modality != "text":
             return None
         op = self._tokenize_op()
-        source = op.tokenizer if op is not None else self.tokenizer
+        return op.tokenizer if op is not None else self.tokenizer
+
+    def vocab_size(self) -> int | None:
+        """The size of the text tokenizer's vocabulary (text inputs), else None: token ids are below it."""
+        source = self.tokenizer_source()
         return None if source is None else _counting_tokenizer(source).get_vocab_size()
 
     def _value(self, value: Any) -> Any:

@@ -1,22 +1,29 @@
 """`captioning`: generate a caption for every example of a split and score it against the dataset's references.
 
-Needs a `Captioner` model (`model.name: captioner`) and a dataset whose examples carry reference `captions` and a
-tokenizer (Shapes-Captions). Generation runs `mmjax.nn.decoding.generate` compiled over the evaluation batches,
-which are sharded over every device like the eval step; the decode options are this evaluator's fields
-(`config.eval.captioning`), checked against the model and the tokenizer when the run is set up (before anything
-compiles). Metrics per split:
+Needs a `Captioner` model (`model.name: captioner`) and a dataset whose stored examples carry reference captions
+(`RAW_SOURCES`): Shapes-Captions (4 per scene), or your own files built with a text column (`mmjax.data.files`:
+the example's text, an image's caption or an audio clip's transcript, is its one reference). Generated ids are
+read back into words with the dataset's own text tokenizer (`Dataset.inputs["text"]`, what encoded the targets;
+its decoder rejoins word pieces), and references are compared as that tokenizer normalises them (e.g.
+lowercased), the only form the decoder can write. Generation runs `mmjax.nn.decoding.generate` compiled over the
+evaluation batches, which are sharded over every device like the eval step; the decode options are this
+evaluator's fields (`config.eval.captioning`), checked against the model and the tokenizer when the run is set up
+(before anything compiles). Metrics per split:
 
 * `bleu4`: corpus BLEU-4 by sacrebleu (Post 2018; its default 13a tokenisation, 0-100) against every reference;
 * `cider`: CIDEr-D by pycocoevalcap (Vedantam et al. 2015, the COCO caption evaluation code) over the split;
 * `exact_match`: the generated text equals one of the references;
-* with a scene description (Shapes-Captions' `scene`), judged by the dataset's own caption parser
-  (`shapes_captions.judge_caption`, regular expressions of the grammar, not the generator's templates):
-  `grammatical`, `attributes_true` (every mentioned object, with its size, colour and shape, is in the scene),
-  `caption_true` (moreover every stated relation holds) and `object_recall` (scene objects mentioned).
+* only with a scene description (Shapes-Captions' `scene`; `JUDGED_DATASETS`), judged by the dataset's own
+  caption parser (`shapes_captions.judge_caption`, regular expressions of the grammar, not the generator's
+  templates): `grammatical`, `attributes_true` (every mentioned object, with its size, colour and shape, is in
+  the scene), `caption_true` (moreover every stated relation holds) and `object_recall` (scene objects
+  mentioned). Other datasets have no parser: these are not reported (a `checkpoint.best_metric` naming one is
+  refused at set-up).
 
-When the run has a workdir, the primary process writes every generated caption with its references and
-judgements to `WORKDIR/samples.jsonl` (the lines of the split evaluated last replace that split's earlier ones)
-and the first `grid` images with their captions to `WORKDIR/captions_<split>.png`.
+When the run has a workdir, the primary process writes every generated caption with its references, judgements
+(Shapes) or manifest row (own files) to `WORKDIR/samples.jsonl` (the lines of the split evaluated last replace
+that split's earlier ones) and, when the decoder reads images, the first `grid` images with their captions to
+`WORKDIR/captions_<split>.png` (green: true of the scene on Shapes, equal to the reference on own files).
 """
 
 from __future__ import annotations
@@ -33,14 +40,20 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from mmjax.data import pipeline, shapes_captions
+from mmjax.data import files, pipeline, shapes_captions
 from mmjax.data.core import VALID_KEY
+from mmjax.data.tokenization import tokenizer_from
 from mmjax.evaluate.evaluator import EVALUATORS, EvalContext, Evaluator
 from mmjax.nn import decoding
 from mmjax.nn.models.captioner import PROMPT_KEY, Captioner
 
 SAMPLES_FILENAME = "samples.jsonl"
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]")  # BOS, EOS, padding of the wordpiece / word-level tokenizers.
+# Datasets with reference captions: name -> raw_source(data_config, split), whose examples hold `captions` (list of
+# str) and, where the dataset has them, `image` (uint8 [H, W, 3]) and `scene` (for the caption parser).
+RAW_SOURCES = {"shapes_captions": shapes_captions.raw_source, "files": files.raw_source}
+JUDGED_DATASETS = ("shapes_captions",)  # Those whose captions the scene parser judges.
+JUDGED_METRICS = ("grammatical", "attributes_true", "caption_true", "object_recall")
 
 
 def bleu4(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -77,16 +90,35 @@ def source_order(total: int, global_batch_size: int) -> np.ndarray:
     return np.concatenate(order)
 
 
+def _text_input(context: EvalContext):
+    """The dataset's text input (`Dataset.inputs["text"]`): its tokenizer encoded the decoder's targets."""
+    text = context.dataset.inputs.get("text")
+    if text is None or text.tokenizer_source() is None:
+        raise ValueError(f"dataset {context.dataset.name!r} declares no text tokenizer (Dataset.inputs['text']) to "
+                         "read generated ids back into words")
+    return text
+
+
 def _tokenizer(context: EvalContext):
-    return shapes_captions.tokenizer(context.config.data)
+    return tokenizer_from(_text_input(context).tokenizer_source())
 
 
 def _text(tokenizer, ids: np.ndarray, eos: int, specials: set[int]) -> str:
-    """The words of generated ids ([BOS] first), up to the first [EOS]."""
+    """The words of generated ids ([BOS] first), up to the first [EOS]: joined by the tokenizer's decoder (word
+    pieces rejoined, e.g. WordPiece's `##`), or by spaces for a tokenizer without one (word-level)."""
     ids = [int(i) for i in ids[1:]]
     if eos in ids:
         ids = ids[:ids.index(eos)]
-    return " ".join(tokenizer.id_to_token(i) for i in ids if i not in specials)
+    tokens = [tokenizer.id_to_token(i) for i in ids if i not in specials]
+    return tokenizer.decoder.decode(tokens) if tokenizer.decoder is not None else " ".join(tokens)
+
+
+def reference_text(tokenizer, text: str) -> str:
+    """A reference as the decoder can write it: the tokenizer's normaliser applied (e.g. NFKC + lowercase), runs
+    of whitespace made one space. Shapes-Captions' references are already in that form."""
+    if tokenizer.normalizer is not None:
+        text = tokenizer.normalizer.normalize_str(text)
+    return " ".join(text.split())
 
 
 _COMPILED: dict[tuple, tuple[Any, Any]] = {}
@@ -94,10 +126,11 @@ _SOURCES: dict[tuple, Any] = {}
 
 
 def _raw_source(context: EvalContext, split: str):
-    """The split's stored examples (references, scenes, images), opened once per data dir and split."""
-    key = (context.config.data.get("data_dir") or "", split)
+    """The split's stored examples (references; images, scenes where the dataset has them), opened once per
+    dataset, data dir and split."""
+    key = (context.dataset.name, context.config.data.get("data_dir") or "", split)
     if key not in _SOURCES:
-        _SOURCES[key] = shapes_captions.raw_source(context.config.data, split)
+        _SOURCES[key] = RAW_SOURCES[context.dataset.name](context.config.data, split)
     return _SOURCES[key]
 
 
@@ -154,7 +187,8 @@ def decode_text(tokenizer, ids: np.ndarray, config: decoding.DecodeConfig) -> st
 @EVALUATORS.register("captioning")
 @dataclasses.dataclass(frozen=True)
 class Captioning(Evaluator):
-    """Generated captions scored by BLEU-4, CIDEr, exact match and the scene parser (module docstring)."""
+    """Generated captions scored by BLEU-4, CIDEr, exact match and, on Shapes, the scene parser (module
+    docstring)."""
 
     method: str = "greedy"  # greedy | beam | sample (mmjax.nn.decoding)
     beam_size: int = 4
@@ -162,7 +196,7 @@ class Captioning(Evaluator):
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    max_length: int = 0  # Text ids including [BOS] / [EOS]; 0 = data.max_len.
+    max_length: int = 0  # Text ids including [BOS] / [EOS]; 0 = the dataset's text length (data.max_len).
     use_cache: bool = True
     seed: int = 0  # Sampling only.
     grid: int = 16  # Images with their generated captions in captions_<split>.png (0 = none).
@@ -173,8 +207,11 @@ class Captioning(Evaluator):
     def unsupported(cls, context: EvalContext) -> str | None:
         if not isinstance(context.model, Captioner):
             return f"model {type(context.model).__name__} has no text decoder (model.name='captioner')"
-        if context.dataset.name != "shapes_captions":
-            return f"dataset {context.dataset.name!r} has no reference captions and tokenizer it knows"
+        name = context.dataset.name
+        if name not in RAW_SOURCES or "text" not in context.dataset.modalities:
+            return (f"dataset {name!r} has no reference captions it knows (Shapes-Captions, or own files built "
+                    "with a text column: python -m mmjax.data.build, README \"Your own data\")")
+        _check_best_metric(context)
         options = dict((context.config.get("eval") or {}).get("captioning") or {})
         evaluator = cls(**{k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(cls)}})
         try:
@@ -186,7 +223,7 @@ class Captioning(Evaluator):
 
     def decode_config(self, context: EvalContext) -> decoding.DecodeConfig:
         bos, eos, pad = special_ids(_tokenizer(context))
-        max_length = self.max_length or int(context.config.data.get("max_len", shapes_captions.MAX_LEN))
+        max_length = self.max_length or int(_text_input(context).context_length() or shapes_captions.MAX_LEN)
         return decoding.DecodeConfig(max_length=max_length, method=self.method, beam_size=self.beam_size,
                                      length_penalty=self.length_penalty, temperature=self.temperature,
                                      top_k=self.top_k, top_p=self.top_p, use_cache=self.use_cache, bos_id=bos,
@@ -205,31 +242,50 @@ class Captioning(Evaluator):
         specials = {config.bos_id, config.eos_id, config.pad_id}
         hypotheses = [_text(tokenizer, row, config.eos_id, specials) for row in generated]
         examples = [source[i] for i in range(len(source))]
-        references = [list(e["captions"]) for e in examples]
-        judged = [shapes_captions.judge_caption(h, shapes_captions.scene_objects(e["scene"]))
-                  for h, e in zip(hypotheses, examples)]
+        references = [[reference_text(tokenizer, r) for r in e["captions"]] for e in examples]
         exact = [h in refs for h, refs in zip(hypotheses, references)]
         metrics = {
             "bleu4": bleu4(hypotheses, references),
             "cider": cider(hypotheses, references),
             "exact_match": float(np.mean(exact)),
-            "grammatical": float(np.mean([j["grammatical"] for j in judged])),
-            "attributes_true": float(np.mean([j["attributes_true"] for j in judged])),
-            "caption_true": float(np.mean([j["true"] for j in judged])),
-            "object_recall": float(np.mean([j["object_recall"] for j in judged])),
         }
+        judging = context.dataset.name in JUDGED_DATASETS
+        judged = [{} for _ in examples]
+        if judging:
+            judged = [shapes_captions.judge_caption(h, shapes_captions.scene_objects(e["scene"]))
+                      for h, e in zip(hypotheses, examples)]
+            metrics.update({
+                "grammatical": float(np.mean([j["grammatical"] for j in judged])),
+                "attributes_true": float(np.mean([j["attributes_true"] for j in judged])),
+                "caption_true": float(np.mean([j["true"] for j in judged])),
+                "object_recall": float(np.mean([j["object_recall"] for j in judged])),
+            })
         workdir = getattr(context, "workdir", None)
         if workdir and jax.process_index() == 0:
             rows = [{"split": split, "index": i, "generated": h, "references": refs, "exact_match": bool(x),
-                     **{k: (bool(v) if isinstance(v, bool) else float(v)) for k, v in j.items()}}
-                    for i, (h, refs, x, j) in enumerate(zip(hypotheses, references, exact, judged))]
+                     **{k: (bool(v) if isinstance(v, bool) else float(v)) for k, v in j.items()},
+                     **({"row": e["row"]} if "row" in e else {})}
+                    for i, (h, refs, x, j, e) in enumerate(zip(hypotheses, references, exact, judged, examples))]
             write_samples(os.path.join(workdir, SAMPLES_FILENAME), split, rows)
-            if self.grid:
-                shown = min(self.grid, len(examples))
-                plot_grid([examples[i]["image"] for i in range(shown)], hypotheses[:shown],
-                          [j["true"] for j in judged[:shown]], os.path.join(workdir, f"captions_{split}.png"),
-                          f"{split}: generated captions (green: true of the scene)")
+            shown = min(self.grid, len(examples))
+            if shown and "image" in examples[0] and "image" in context.model.condition:  # Pictures it captioned.
+                good, meaning = (([j["true"] for j in judged], "true of the scene") if judging
+                                 else (exact, "equal to the reference"))
+                plot_grid([examples[i]["image"] for i in range(shown)], hypotheses[:shown], good[:shown],
+                          os.path.join(workdir, f"captions_{split}.png"),
+                          f"{split}: generated captions (green: {meaning})")
         return metrics
+
+
+def _check_best_metric(context: EvalContext) -> None:
+    """A best checkpoint chosen by a parser metric (e.g. shapes_caption's `validation/caption_true`) on a dataset
+    without the parser would fail at the first evaluation: refused at set-up, naming what is reported."""
+    best = str((context.config.get("checkpoint") or {}).get("best_metric") or "")
+    split, _, metric = best.partition("/")
+    if metric in JUDGED_METRICS and context.dataset.name not in JUDGED_DATASETS:
+        raise ValueError(f"config checkpoint.best_metric={best!r}: the captioning evaluator reports {metric!r} only "
+                         f"on {', '.join(JUDGED_DATASETS)} (its caption parser); on dataset {context.dataset.name!r} "
+                         f"it reports bleu4, cider and exact_match, e.g. --config.checkpoint.best_metric={split}/cider")
 
 
 def write_samples(path: str, split: str, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -247,7 +303,7 @@ def write_samples(path: str, split: str, rows: Sequence[Mapping[str, Any]]) -> N
 
 def plot_grid(images: Sequence[np.ndarray], captions: Sequence[str], correct: Sequence[bool], path: str,
               title: str) -> None:
-    """A grid of images, each with its (wrapped) generated caption, green when true of the scene, red if not."""
+    """A grid of images, each with its (wrapped) generated caption, green when `correct`, red if not."""
     import textwrap
 
     import matplotlib

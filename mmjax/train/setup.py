@@ -108,11 +108,12 @@ def check_dataset(config: ml_collections.ConfigDict, dataset: Dataset, multitask
     if not multitask and task_class(name).dataset_task != dataset.task:
         hint = ""
         if dataset.name == "files" and task_class(name).dataset_task == "contrastive":
-            hint = ("; a paired dataset for clip / siglip / itm is built from a manifest without a label column, or "
-                    "with python -m mmjax.data.build --paired (labels kept as metadata and for zero-shot)")
+            hint = ("; a paired dataset for clip / siglip / itm / caption is built from a manifest without a label "
+                    "column, or with python -m mmjax.data.build --paired (labels kept as metadata and for zero-shot)")
         problems.append(f"config task.name={name!r} but dataset {dataset.name!r} provides {dataset.task!r} "
                         f"labels{hint}")
-    if not multitask and config.model.get("num_classes") != dataset.num_classes:
+    class_head = config.model.get("name") != "captioner"  # A decoder's outputs are the tokenizer's, not classes.
+    if not multitask and class_head and config.model.get("num_classes") != dataset.num_classes:
         problems.append(
             f"config model.num_classes={config.model.get('num_classes')!r} but dataset {dataset.name!r} has "
             f"{dataset.num_classes} {'outputs' if dataset.task == 'regression' else 'classes'} (set "
@@ -140,22 +141,22 @@ def check_dataset(config: ml_collections.ConfigDict, dataset: Dataset, multitask
 
 
 def _vocabulary_problems(config: ml_collections.ConfigDict, dataset: Dataset) -> list[str]:
-    """A text encoder's embedding table must have a row for every token id of the dataset's tokenizer: an id past
-    it would silently read another row (JAX clamps gathers), not fail."""
+    """A text encoder's (or a captioner's decoder's) embedding table must have a row for every token id of the
+    dataset's tokenizer: an id past it would silently read another row (JAX clamps gathers), not fail."""
     text = dataset.inputs.get("text")
-    encoder = (config.model.get("encoders") or {}).get("text") or {}
-    size = encoder.get("vocab_size")
-    if text is None or not is_int(size):
+    tables = {"model.encoders.text": (config.model.get("encoders") or {}).get("text") or {}}
+    if config.model.get("name") == "captioner":
+        tables["model.decoder"] = config.model.get("decoder") or {}
+    sizes = {key: table.get("vocab_size") for key, table in tables.items() if is_int(table.get("vocab_size"))}
+    if text is None or not sizes:
         return []
     try:
         vocabulary = text.vocab_size()
     except (OSError, ValueError, ImportError):  # A tokenizer that cannot be read fails later, naming its file.
         return []
-    if vocabulary is None or vocabulary <= size:
-        return []
-    return [f"config model.encoders.text.vocab_size={size} but the tokenizer of dataset {dataset.name!r} has "
-            f"{vocabulary} tokens: ids >= {size} would read past the embedding table (set "
-            f"--config.model.encoders.text.vocab_size={vocabulary})"]
+    return [f"config {key}.vocab_size={size} but the tokenizer of dataset {dataset.name!r} has {vocabulary} tokens: "
+            f"ids >= {size} would read past the embedding table (set --config.{key}.vocab_size={vocabulary})"
+            for key, size in sizes.items() if vocabulary is not None and vocabulary > size]
 
 
 _DATASETS: dict[str, Dataset] = {}
@@ -295,8 +296,12 @@ def setup(config: ml_collections.ConfigDict, *, training: bool = True) -> Setup:
     extra = [k for k in getattr(model, "extra_inputs", ()) if k not in keys]  # E.g. a decoder's captions.
     missing = [k for k in extra if k not in full_spec]
     if missing:
+        hint = ""
+        if dataset.name == "files" and "text" in missing:
+            hint = ("; a captioner's targets (captions, transcripts) are the manifest's text column: build the "
+                    "dataset from a manifest with one (python -m mmjax.data.build, README \"Your own data\")")
         raise ValueError(f"model {config.model.get('name')!r} reads batch key(s) {missing} that dataset "
-                         f"{dataset.name!r} does not provide (it has {sorted(full_spec)})")
+                         f"{dataset.name!r} does not provide (it has {sorted(full_spec)}){hint}")
     keys = keys + extra
     spec = {k: full_spec[k] for k in keys}
     frozen = tuple(config.train.get("frozen", ()))

@@ -11,6 +11,7 @@ import pytest
 
 from experiments import shapes_caption
 from mmjax.data import shapes_captions as sc
+from mmjax.data.tokenization import encode_texts
 from mmjax.evaluate import captioning
 from mmjax.train import setup as setup_lib
 
@@ -54,6 +55,18 @@ def test_the_caption_parser_agrees_with_the_generator_on_every_caption_and_negat
     duplicated = f"{objects[0].mention.phrase} and {objects[0].mention.phrase}"
     assert not sc.judge_caption(duplicated, objects)["attributes_true"]  # One object mentioned twice.
     assert sc.scene_objects(sc.scene_json(scenes[0])) == objects
+
+
+def test_shapes_references_and_decoded_targets_are_the_captions_as_written():
+    """Own files' references are compared as the tokenizer normalises them and generated ids are joined by its
+    decoder: for Shapes-Captions (word-level, no decoder, lowercase captions) both are the caption itself, so its
+    figures do not depend on that step."""
+    tokenizer = sc.build_tokenizer()
+    captions = [c for scene in sc.generate_split("test", SIZES) for c in scene.captions]
+    assert [captioning.reference_text(tokenizer, c) for c in captions] == captions
+    config = captioning.decoding.DecodeConfig(bos_id=2, eos_id=3, pad_id=0)
+    ids = encode_texts(tokenizer, captions, sc.MAX_LEN)
+    assert [captioning.decode_text(tokenizer, row, config) for row in ids] == captions
 
 
 def test_rows_follow_the_source_order_and_samples_replace_their_split(tmp_path):
