@@ -12,7 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~20 s; CI runs it in its own step")
+    config.addinivalue_line("markers", "slow: takes more than ~20 s (CI runs every test; `pytest -m \"not slow\"` skips these locally)")
 
 
 import pytest  # noqa: E402
