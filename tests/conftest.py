@@ -12,7 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than ~20 s (CI runs every test; `pytest -m \"not slow\"` skips these locally)")
+    # CI runs every test; `pytest -m "not slow"` skips these for a quicker local pass.
+    config.addinivalue_line("markers", "slow: takes more than ~20 s")
 
 
 import pytest  # noqa: E402
