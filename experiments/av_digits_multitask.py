@@ -19,7 +19,16 @@ Command (three seeds, 600 steps of batch 64 per model; see README "Multi-task le
 
     python -m experiments.av_digits_multitask --workdir /tmp/av_multitask
 
-Writes WORKDIR/summary.md (the table, test split: mean ± std over the seeds) and summary.json.
+Writes WORKDIR/summary.md (the table, test split: mean ± std over the seeds) and summary.json. Expected (seeds 0-2,
+jax 0.10.2, 2 shared CPU cores, 19 min):
+
+    | model (test) | digit accuracy | value mae | value pearson | digit_pair mAP | digit_pair subset_accuracy |
+    |---|---|---|---|---|---|
+    | digit | 0.9676 ± 0.0035 | — | — | — | — |
+    | value | — | 0.8726 ± 0.0165 | 0.9027 ± 0.0067 | — | — |
+    | digit_pair | — | — | — | 0.9257 ± 0.0031 | 0.6241 ± 0.0092 |
+    | fixed | 0.9731 ± 0.0013 | 0.8092 ± 0.0140 | 0.9268 ± 0.0044 | 0.9326 ± 0.0015 | 0.6519 ± 0.0073 |
+    | uncertainty | 0.9694 ± 0.0045 | 0.7867 ± 0.0234 | 0.9236 ± 0.0036 | 0.9260 ± 0.0039 | 0.6176 ± 0.0065 |
 """
 
 from __future__ import annotations
