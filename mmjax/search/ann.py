@@ -8,7 +8,8 @@ Kinds (inner product, so cosine for unit embeddings):
            `ef_search` candidates (default 64)
 
 Every build measures its recall@10 against the exact top 10 (`recall_at`), on up to 1,000 of the collection's own
-items as queries, and records it with the index (`index.json` "ann"), so the accuracy given up is known.
+items as queries, and records it with the index (`index.json` "ann"), so the accuracy given up is known. The build
+runs in one process (process 0 of a multi-process `index`), its exact search on that process's devices.
 Optional dependency: `pip install -e ".[search]"` (faiss-cpu).
 """
 
@@ -76,6 +77,8 @@ def build(embeddings: np.ndarray, kind: str, path: str, *, queries: int = 1000, 
           **options: Any) -> dict[str, Any]:
     """Builds the `kind` index of `embeddings`, writes it to `path` and returns what index.json records about it:
     its kind and parameters, build time, and recall@10 against exact search on up to `queries` of the items."""
+    import jax
+
     from mmjax.search.exact import ExactIndex
 
     faiss = _faiss()
@@ -87,7 +90,8 @@ def build(embeddings: np.ndarray, kind: str, path: str, *, queries: int = 1000, 
     rng = np.random.default_rng(seed)
     sample = embeddings[np.sort(rng.choice(len(embeddings), min(queries, len(embeddings)), replace=False))]
     k = min(10, len(embeddings))
-    exact = ExactIndex.from_array(embeddings).search(sample, k)[1]
+    local = ExactIndex.mesh(jax.local_devices())  # Process 0 alone builds it (module docstring).
+    exact = ExactIndex.from_array(embeddings, mesh=local).search(sample, k)[1]
     approximate = search(index, sample, k)[1]
     params = ({"nlist": index.nlist, "nprobe": index.nprobe} if kind == "ivf"
               else {"m": index.hnsw.nb_neighbors(1), "ef_search": index.hnsw.efSearch})

@@ -1,7 +1,8 @@
 """Search with a CLIP trained on the user's own unlabelled image–caption pairs, end to end: `write_example_folder`
 -> `python -m mmjax.data.build --paired` -> 40 steps of CLIP (the `clip_workdir` fixture) -> `python -m mmjax.search
 index` of the collection -> `query --text` and `--image` ranked as a brute force over the index's embeddings, with
-the manifest's ids and captions; and `recall` of a split's captions equal to training's evaluation.
+the manifest's ids and captions; `recall` of a split's captions equal to training's evaluation; and the same
+index built by 2 processes.
 
 What the tiny model learns is not asserted: the build's WordPiece tokenizer is not reproducible (HF tokenizers
 #1794: the trainer breaks ties in hash-map order), so the token ids, and so the trained model, differ from one test
@@ -11,6 +12,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +24,7 @@ from mmjax.search import Index
 from mmjax.search import __main__ as cli
 from mmjax.search.collection import normalize
 from mmjax.search.exact import brute_force
+from tests.conftest import REPO_ROOT, cpu_env
 
 
 def _rows(manifest: str) -> dict[str, dict[str, str]]:
@@ -104,3 +108,43 @@ def test_caption_recall_through_search_equals_the_evaluators(clip_workdir, tmp_p
         assert set(recalls) == {"recall@1", "recall@5"} | ({"recall@10"} if len(members) >= 10 else set())
         for key, value in recalls.items():
             assert value == pytest.approx(evaluated[f"t2i_{key}"], abs=1e-6), (split, key)
+
+
+@pytest.mark.slow  # Two processes, each loading and compiling the model: ~35 s.
+def test_two_processes_build_the_index_one_process_builds(clip_workdir, tmp_path, capsys):
+    """`index` in 2 processes (jax.distributed on localhost, 4 CPU devices each) equals the single-process index:
+    ids, metadata, embeddings, shards, the bad row (prepared by process 1, reported by process 0) and the ANN
+    index's settings."""
+    from tests.train.test_parallel import free_port
+
+    workdir, manifest, _ = clip_workdir
+    rows = list(_rows(manifest).values())
+    rows[9]["image"] = "images/nowhere.png"  # Row 10: in the first batch of 16, the half process 1 prepares.
+    broken = tmp_path / "collection.csv"
+    with open(broken, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    common = ["--workdir", workdir, "--manifest", str(broken), "--root", os.path.dirname(manifest), "--batch", "16",
+              "--shard-size", "20", "--on-error", "skip", "--ann", "ivf", "--nlist", "2", "--quiet"]
+    cli.main(["index", "--out", str(tmp_path / "one"), *common])
+    capsys.readouterr()
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "mmjax.search", "index", "--out", str(tmp_path / "two"), *common,
+         "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(i)],
+        cwd=REPO_ROOT, env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "skipped rows: 1" in logs[0] and "wrote" not in logs[1]
+    one, two = Index(str(tmp_path / "one")), Index(str(tmp_path / "two"))
+    assert one.count == two.count == 47
+    assert two.item_list() == one.item_list()
+    assert "item010" not in {item["id"] for item in two.items()}
+    np.testing.assert_allclose(two.embeddings(), one.embeddings(), rtol=1e-5, atol=1e-6)
+    assert two.meta["bad_rows"] == one.meta["bad_rows"] and "row 10 (line 11): missing file" in one.meta["bad_rows"][0]
+    ignored = {"seconds", "ann"}
+    assert {k: v for k, v in two.meta.items() if k not in ignored} == {k: v for k, v in one.meta.items()
+                                                                       if k not in ignored}
+    assert two.meta["ann"]["params"] == one.meta["ann"]["params"] == {"nlist": 2, "nprobe": 2}
+    assert os.path.exists(os.path.join(two.path, "ann.faiss"))
