@@ -84,7 +84,8 @@ def build_index(predictor: Any, manifest: Any, out: str, *, fingerprint: str, mo
                          f"{', '.join(manifest.header)})")
     kind = model_kind(setup.model)
     count = len(manifest.rows)
-    ann_options = dict(ann_options or {})
+    ann_options = {k: v for k, v in (ann_options or {}).items() if v is not None}
+    ann_lib.check_options(ann, count, ann_options)
     shards = math.ceil(count / shard_size)
     plan = {"fingerprint": fingerprint, "manifest": manifest.path, "manifest_hash": file_hash(manifest.path),
             "modality": modality, "shard_size": shard_size, "columns": manifest.columns, "root": manifest.root,
