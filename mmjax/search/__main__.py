@@ -39,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
     index.add_argument("--on-error", choices=("stop", "skip"), default="stop", help="bad rows: stop, or skip them")
     index.add_argument("--ann", choices=("ivf", "hnsw"), help="also build a faiss index (recall@10 recorded)")
     index.add_argument("--nlist", type=int, help="IVF cells (default 4 sqrt(N))")
-    index.add_argument("--nprobe", type=int, default=16, help="IVF cells scanned per query")
+    index.add_argument("--nprobe", type=int, help="IVF cells scanned per query (default 16, at most --nlist)")
     index.add_argument("--column", action="append", default=[], metavar="KIND=COLUMN")
     index.add_argument("--root", help="folder that relative paths start from (default: the manifest's folder)")
     index.add_argument("--text-files", action="store_true", help="text cells are paths to UTF-8 text files")
@@ -81,6 +81,7 @@ def _index(args) -> Any:
     from mmjax.data.build import column_mapping
     from mmjax.inference import read_manifest
     from mmjax.predict import Predictor
+    from mmjax.search import ann
     from mmjax.search.collection import build_index
     from mmjax.train import parallel
     from mmjax.train.workdir import model_fingerprint
@@ -88,8 +89,9 @@ def _index(args) -> Any:
     parallel.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     manifest = read_manifest(args.manifest, columns=column_mapping(args.column), root=args.root,
                              text_files=args.text_files)
+    options = {"nlist": args.nlist, "nprobe": args.nprobe}  # None: the default (`mmjax.search.ann`).
+    ann.check_options(args.ann, len(manifest.rows), options)  # Before loading the model (`build_index` again).
     predictor = Predictor.load(args.workdir, args.step, args.batch)
-    options = {"nprobe": args.nprobe} | ({"nlist": args.nlist} if args.nlist else {})
     index = build_index(predictor, manifest, args.out, fingerprint=model_fingerprint(predictor.setup, predictor.state),
                         modality=args.modality, shard_size=args.shard_size, id_column=args.id_column,
                         on_error=args.on_error, ann=args.ann, ann_options=options, progress=not args.quiet)
@@ -102,8 +104,9 @@ def _index(args) -> Any:
                 reporting.console(f"  {message}")
         if "ann" in index.meta:
             a = index.meta["ann"]
-            reporting.console(f"ANN ({a['kind']}, {a['params']}): recall@10 {a.get('recall@10', float('nan')):.4f} "
-                              f"against exact on {a['recall_queries']} of the items")
+            recall = next(k for k in a if k.startswith("recall@"))  # recall@10, or @N for fewer than 10 items.
+            reporting.console(f"ANN ({a['kind']}, {a['params']}): {recall} {a[recall]:.4f} against exact search on "
+                              f"{a['recall_queries']} of the items as queries")
     return index
 
 

@@ -11,6 +11,9 @@ bound, with the peak measured as a large float32 matmul); both are printed besid
 a faiss IVF index (`mmjax.search.ann`; `nlist` cells, k-means on 64 points per cell), timed at each `nprobe`
 with its recall@10 against the exact top 10 of the same queries. Random embeddings have no cluster structure,
 the hardest case for an IVF index: its recall here is a floor, not what real embeddings get.
+
+Memory: the collection three times (the numpy matrix, its device copy, the faiss index's copy) plus one batch's
+scores; at 1M x 256 on CPU the process peaked at 3.6 GB (`/usr/bin/time -v`, `--batches 1024 --nprobe 8`).
 """
 
 from __future__ import annotations

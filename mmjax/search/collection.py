@@ -7,6 +7,10 @@ captions kept as metadata); for a fusion (classification) model, the pooled feat
 L2-normalised (so scores are cosines; such an index answers queries of the same modality only). Every other
 column of the manifest (ids, captions, labels) is stored with each item; `--id-column` (default `id` when the
 manifest has one, else the row number) names items in results.
+
+Data-parallel over every device, and over several processes with the flags of training (`--num_processes`, ...):
+each process prepares and embeds its share of every batch (`mmjax.inference.Runner`), process 0 alone writes the
+index (`mmjax.search.processes`), so the index equals a single process's.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from mmjax import reporting
+from mmjax.search import ann as ann_lib
+from mmjax.search import processes
 from mmjax.search.index_store import ANN_FILE, Index, IndexWriter, file_hash
 
 DEFAULT_SHARD_SIZE = 4096
@@ -51,9 +57,12 @@ def normalize(embeddings: np.ndarray) -> np.ndarray:
 
 def build_index(predictor: Any, manifest: Any, out: str, *, fingerprint: str, modality: str | None = None,
                 shard_size: int = DEFAULT_SHARD_SIZE, id_column: str | None = None, on_error: str = "stop",
-                ann: str | None = None, ann_options: Mapping[str, Any] | None = None, progress: bool = True) -> Index:
+                ann: str | None = None, ann_options: Mapping[str, Any] | None = None,
+                progress: bool = True) -> Index | None:
     """Embeds every row of `manifest` with `predictor`'s model into the index at `out` (module docstring;
-    `predictor` is a loaded `mmjax.predict.Predictor`, `manifest` a `mmjax.inference.Manifest`)."""
+    `predictor` is a loaded `mmjax.predict.Predictor`, `manifest` a `mmjax.inference.Manifest`). Returns the
+    index; None on the other processes of a multi-process run, which embed their share of each batch while
+    process 0 writes (`mmjax.search.processes`)."""
     from tqdm import tqdm
 
     from mmjax.data.build import cell_value
@@ -75,26 +84,27 @@ def build_index(predictor: Any, manifest: Any, out: str, *, fingerprint: str, mo
                          f"{', '.join(manifest.header)})")
     kind = model_kind(setup.model)
     count = len(manifest.rows)
+    ann_options = {k: v for k, v in (ann_options or {}).items() if v is not None}
+    ann_lib.check_options(ann, count, ann_options)
     shards = math.ceil(count / shard_size)
     plan = {"fingerprint": fingerprint, "manifest": manifest.path, "manifest_hash": file_hash(manifest.path),
             "modality": modality, "shard_size": shard_size, "columns": manifest.columns, "root": manifest.root,
             "text_files": manifest.text_files, "id_column": id_column, "on_error": on_error}
-    writer = _writer(out, plan)
-    done = [s for s in range(shards) if writer.done(s)]
-    if writer.resumed and done:
-        reporting.console(f"resuming the interrupted index build in {writer.partial}: {len(done)} of {shards} "
+    writer = processes.on_primary(lambda: IndexWriter(out, plan), "open the index build")  # Process 0 writes.
+    done = processes.shards_done(writer.done if writer else None, shards)
+    if writer is not None and writer.resumed and any(done):
+        reporting.console(f"resuming the interrupted index build in {writer.partial}: {sum(done)} of {shards} "
                           "shards already written")
     step = predictor._cached(("embed", modality), lambda: embed_step(setup.model, modality, setup.spec))
-    bar = tqdm(total=count, initial=min(count, len(done) * shard_size), desc=f"indexing {modality}", unit="item",
+    bar = tqdm(total=count, initial=min(count, sum(done) * shard_size), desc=f"indexing {modality}", unit="item",
                file=sys.stderr, dynamic_ncols=True, disable=not progress or not reporting.is_primary())
-    bad: list[str] = []
     started = time.time()
     try:
         for shard in range(shards):
-            rows = list(range(shard * shard_size, min(count, (shard + 1) * shard_size)))
-            if writer.done(shard):
-                bad += _read_bad(writer, shard)
+            if done[shard]:
                 continue
+            rows = list(range(shard * shard_size, min(count, (shard + 1) * shard_size)))
+
             def prepare(i: int, rows=rows) -> dict[str, np.ndarray]:
                 return preparer.row(manifest, rows[i])
 
@@ -111,10 +121,9 @@ def build_index(predictor: Any, manifest: Any, out: str, *, fingerprint: str, mo
                 item_id = metadata.get(id_column) if id_column else row.row
                 items.append({"id": item_id, "row": row.row, "line": row.line, **metadata,
                               modality: cell_value(row, column, strip=modality != "text")})
-            if reporting.is_primary():
+            if writer is not None:
                 _write_bad(writer, shard, [errors[r] for r in sorted(errors)])
                 writer.write_shard(shard, embeddings, items)
-            bad += [errors[r] for r in sorted(errors)]
             bar.update(len(rows))
     finally:
         bar.close()
@@ -123,32 +132,23 @@ def build_index(predictor: Any, manifest: Any, out: str, *, fingerprint: str, mo
             "model": type(setup.model).__name__, "towers": list(model_modalities),
             "dimension": None, "manifest": manifest.path, "root": manifest.root, "columns": manifest.columns,
             "text_files": manifest.text_files, "id_column": id_column, "metadata_columns": metadata_columns,
-            "bad_rows": bad, "seconds": round(time.time() - started, 1)}
-    if not reporting.is_primary():
-        return None
+            "bad_rows": None, "seconds": round(time.time() - started, 1)}
+    return processes.on_primary(lambda: _finish(writer, info, shards, ann, ann_options), "finish the index")
+
+
+def _finish(writer: IndexWriter, info: dict[str, Any], shards: int, ann: str | None,
+            ann_options: Mapping[str, Any]) -> Index:
+    """Process 0, once every shard is written: the bad rows and dimension into index.json, the ANN index if asked
+    for, and the swap into place (`IndexWriter.finish`)."""
+    info["bad_rows"] = [message for shard in range(shards) for message in _read_bad(writer, shard)]
     dims = {np.load(os.path.join(writer.partial, f"shard-{s:05d}.npy"), mmap_mode="r").shape[1]
             for s in range(shards)}
     info["dimension"] = int(next(iter(dims)))
     if ann:
-        from mmjax.search import ann as ann_lib
-
         embeddings = np.concatenate([np.load(os.path.join(writer.partial, f"shard-{s:05d}.npy")) for s in
                                      range(shards)])
-        info["ann"] = ann_lib.build(embeddings, ann, writer.extra_file(ANN_FILE), **dict(ann_options or {}))
+        info["ann"] = ann_lib.build(embeddings, ann, writer.extra_file(ANN_FILE), **ann_options)
     return writer.finish(info, shards)
-
-
-def _writer(out: str, plan: Mapping[str, Any]) -> IndexWriter:
-    """Process 0 opens (or resumes) the partial build; the others then see the same shards done."""
-    import jax
-
-    if jax.process_count() == 1:
-        return IndexWriter(out, plan)
-    from jax.experimental import multihost_utils
-
-    writer = IndexWriter(out, plan) if reporting.is_primary() else None
-    multihost_utils.sync_global_devices("mmjax-search-index-opened")
-    return writer or IndexWriter(out, plan, readonly=True)
 
 
 def _bad_file(writer: IndexWriter, shard: int) -> str:

@@ -88,13 +88,10 @@ class IndexWriter:
     """Writes an index into `path` shard by shard (module docstring). `plan` describes the build (model
     fingerprint, manifest hash, options, shard count): equal plans resume, others restart the partial build."""
 
-    def __init__(self, path: str, plan: Mapping[str, Any], *, readonly: bool = False):
+    def __init__(self, path: str, plan: Mapping[str, Any]):
         self.path = os.path.abspath(path)
         self.partial = self.path + PARTIAL
         self.plan = json.loads(json.dumps(dict(plan), sort_keys=True, default=str))
-        if readonly:  # Another process of a multi-process run: it only asks which shards are done.
-            self.resumed = True
-            return
         recover(self.path)
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise IndexError_(f"{self.path} exists and is not a directory")
