@@ -82,6 +82,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+import scipy.fft
 import tensorflow_datasets as tfds
 
 from mmjax.data import espeak
@@ -280,12 +281,16 @@ def clean_speech(text: str, speaker: str, rate: int, pitch: int, pitch_range: in
 
 
 def background_noise(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Unit-RMS mix of white and pink (1/f power) noise, random mixing weight."""
+    """Unit-RMS mix of white and pink (1/f power) noise, random mixing weight.
+
+    The pink noise is shaped over the next length whose FFT is fast (`scipy.fft.next_fast_len`; 8,000 samples, a
+    1 s clip, already is) and cut to `n`: clips of any length then cost about the same per sample."""
     white = rng.standard_normal(n)
-    spectrum = np.fft.rfft(rng.standard_normal(n))
+    fast = scipy.fft.next_fast_len(n, real=True)
+    spectrum = np.fft.rfft(rng.standard_normal(fast))
     freqs = np.arange(spectrum.size, dtype=np.float64)
     freqs[0] = 1.0
-    pink = np.fft.irfft(spectrum / np.sqrt(freqs), n=n)
+    pink = np.fft.irfft(spectrum / np.sqrt(freqs), n=fast)[:n]
     pink /= np.sqrt(np.mean(pink**2))
     weight = rng.uniform()
     noise = weight * white + (1.0 - weight) * pink
