@@ -35,13 +35,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.max_len = 9  # [CLS] + up to 7 digit words + [SEP].
     config.data.batch_size = 32
     config.data.eval_batch_size = 200
+    # SpecAugment on the training spectrograms (2 bands of up to 6 mel bins, 2 spans of up to 100 ms).
+    config.data.spec_augment = dict(freq_masks=2, freq_width=6, time_masks=2, time_width=5)
     config.model = dict(
         name="ctc",
         num_classes=5,  # The label (digit count, 3..7) is not trained; it must match the dataset.
         dtype="",
         encoders=dict(
             audio=dict(name="ast", patch_time=4, patch_freq=40, width=96, depth=3, num_heads=4, mlp_dim=192,
-                       pool="mean"),
+                       pool="mean", dropout=0.1),
         ),
         ctc=dict(modality="audio", vocab_size=15),  # The tokenizer's 15 tokens; the blank is the 16th logit.
         decoder=dict(mode="cross", condition=("audio",), vocab_size=15, max_len=9, width=96, depth=2, num_heads=4,
@@ -49,11 +51,11 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.task = dict(name="ctc")
     config.optimizer.update(lr=1e-3, warmup_steps=200, weight_decay=0.05, b2=0.98)
-    config.train.update(num_steps=2000, log_every_steps=100, eval_every_steps=1000)
+    config.train.update(num_steps=1500, log_every_steps=100, eval_every_steps=750)
     config.eval.splits = ("validation", "test")
     config.eval.evaluators = ("split_metrics", "transcription")
     config.eval.transcription = dict(method="greedy")
-    config.checkpoint.update(every_steps=1000, keep=1, best_metric="validation/sequence_accuracy")
+    config.checkpoint.update(every_steps=750, keep=1, best_metric="validation/sequence_accuracy")
     return config
 
 

@@ -57,6 +57,7 @@ from tokenizers import Tokenizer
 from mmjax.data import av_digits
 from mmjax.data.audio_features import log_mel_spectrogram, standardize
 from mmjax.data.core import Dataset, build_on_process_zero, frame_mask_key
+from mmjax.data.ops.audio_ops import SpecAugment
 from mmjax.data.tfds_builder import OfflineBuilder, prepare, split_sizes
 from mmjax.data.tokenization import as_text, encode_texts, tokenizer_from, word_level_tokenizer
 from mmjax.registry import DATASETS
@@ -72,6 +73,7 @@ __all__ = [
     "SPLITS",
     "SPLIT_SIZES",
     "SpokenNumbers",
+    "SpokenNumbersAugment",
     "SpokenNumbersPreprocess",
     "SpokenSource",
     "build",
@@ -288,6 +290,20 @@ class SpokenNumbersPreprocess:
                 "label": np.int32(int(example["num_digits"]) - MIN_DIGITS)}
 
 
+@dataclasses.dataclass(frozen=True)
+class SpokenNumbersAugment:
+    """Training stream only: SpecAugment's frequency and time masks (Park et al. 2019; the `spec_augment` op) on
+    the utterance's real frames, filled with 0 (their mean after standardisation); padding stays zero."""
+
+    spec_augment: SpecAugment
+
+    def __call__(self, example: Mapping[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        frames = int(np.sum(example[frame_mask_key("audio")] > 0))
+        audio = np.array(example["audio"], np.float32)
+        audio[:frames] = self.spec_augment(audio[:frames], rng)
+        return {**example, "audio": audio}
+
+
 def raw_source(data_config: Mapping[str, Any], split: str) -> SpokenSource:
     """A split's stored examples (transcripts, speakers), whatever `data.cache_in_memory` did to the dataset's
     preprocessed source: the references of generated transcripts."""
@@ -297,7 +313,9 @@ def raw_source(data_config: Mapping[str, Any], split: str) -> SpokenSource:
 @DATASETS.register("spoken_numbers")
 def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     """Spoken-Numbers (module docstring) for speech-to-text: `data.data_dir`; `data.audio` (`n_fft`, `hop_length`,
-    `n_mels`) changes the log-mel front end; `data.max_len` (default 9) the transcript's token ids."""
+    `n_mels`) changes the log-mel front end; `data.max_len` (default 9) the transcript's token ids;
+    `data.spec_augment` (a dict of `spec_augment` op fields, e.g. `{"time_masks": 2, "time_width": 5}`; empty:
+    off) masks the training stream's spectrograms (`SpokenNumbersAugment`)."""
     builder = build_on_process_zero(lambda: build(data_config.get("data_dir") or None))
     audio = data_config.get("audio", None) or {}
     max_len = int(data_config.get("max_len", MAX_LEN))
@@ -307,6 +325,11 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
     preprocess = SpokenNumbersPreprocess(n_fft=audio.get("n_fft", av_digits.N_FFT),
                                          hop_length=audio.get("hop_length", av_digits.HOP_LENGTH),
                                          n_mels=audio.get("n_mels", av_digits.N_MELS), max_len=max_len)
+    masks = dict(data_config.get("spec_augment", None) or {})
+    unknown = sorted(set(masks) - {f.name for f in dataclasses.fields(SpecAugment)} | ({"fill"} & set(masks)))
+    if unknown:
+        raise ValueError(f"config data.spec_augment: unknown field(s) {unknown}; valid: freq_masks, freq_width, "
+                         "time_masks, time_width")
     return Dataset(
         name="spoken_numbers",
         source=lambda split: SpokenSource(builder.as_data_source(split=split)),
@@ -316,4 +339,5 @@ def dataset(data_config: ml_collections.ConfigDict) -> Dataset:
         modalities=("audio", "text"),  # `audio_frame_mask` rides along (the models read it with the audio).
         class_names=tuple(f"{n} digits" for n in range(MIN_DIGITS, MAX_DIGITS + 1)),
         task="contrastive",  # (audio, transcript) pairs: the kind of data the text tasks (caption, ctc) read.
+        augment=SpokenNumbersAugment(SpecAugment(**masks, fill=0.0)) if masks else None,
     )
