@@ -1,6 +1,6 @@
 """`transcription`: transcribe every utterance of a split and score it against the reference transcript.
 
-Models: a CTC head (`model.name: ctc`, `mmjax.nn.models.ctc`: best-path decoding, the most likely symbol of each
+Models: a CTC head (`model.name: ctc`, `mmjax.nn.models.ctc_head`: best-path decoding, the most likely symbol of each
 frame with repeats merged and blanks dropped) or a text decoder reading the audio (`model.name: captioner`:
 generation as the `captioning` evaluator runs it, greedy, beam or sampling, with the key/value cache). Both go
 through the captioning evaluator's plumbing (`captioning.generate_split`: the evaluation batches sharded over the
@@ -44,7 +44,7 @@ from mmjax.evaluate.captioning import (
 from mmjax.evaluate.evaluator import EVALUATORS, EvalContext, Evaluator
 from mmjax.nn import decoding
 from mmjax.nn.models.captioner import Captioner
-from mmjax.nn.models.ctc import CtcModel, jit_greedy
+from mmjax.nn.models.ctc_head import CtcModel, jit_greedy
 
 _SOURCES: dict[tuple[str, str], Any] = {}  # (data dir, split) -> the stored transcripts.
 

@@ -28,7 +28,7 @@ from mmjax.nn.encoders import recurrent as _recurrent  # noqa: F401
 from mmjax.nn.encoders import tabular as _tabular  # noqa: F401
 from mmjax.nn.encoders import text as _text  # noqa: F401
 from mmjax.nn.models.captioner import build_captioner
-from mmjax.nn.models.ctc import build_ctc
+from mmjax.nn.models.ctc_head import build_ctc
 from mmjax.nn.models.matching import build_matching
 from mmjax.nn.models.multimodal import MultimodalModel
 from mmjax.nn.models.two_tower import TwoTower

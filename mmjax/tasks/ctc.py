@@ -1,6 +1,6 @@
 """Speech-to-text by Connectionist Temporal Classification (Graves, Fernandez, Gomez, Schmidhuber 2006, ICML).
 
-Reads the outputs of `mmjax.nn.models.ctc.CtcModel` (model `name: ctc`): per-frame `ctc_logits [B, T, V + 1]`
+Reads the outputs of `mmjax.nn.models.ctc_head.CtcModel` (model `name: ctc`): per-frame `ctc_logits [B, T, V + 1]`
 (blank = V), the real frames `ctc_mask [B, T]`, and the transcript's `targets [B, N]` / `target_mask [B, N]`. Per
 example i with N_i target tokens the loss is
 

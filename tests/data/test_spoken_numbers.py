@@ -123,3 +123,24 @@ def test_dataset_entry_gives_padded_log_mel_frame_mask_transcript_ids_and_digit_
     assert len(ids) == len(words) + 2 and out["label"] == len(words) - 3
     with pytest.raises(ValueError, match="data.max_len=8 would cut transcripts"):
         get_dataset(ml_collections.ConfigDict({"name": "spoken_numbers", "data_dir": data_dir, "max_len": 8}))
+
+
+def test_spec_augment_masks_only_real_frames_of_the_training_stream(data_dir):
+    config = {"name": "spoken_numbers", "data_dir": data_dir,
+              "spec_augment": {"freq_masks": 2, "freq_width": 6, "time_masks": 2, "time_width": 5}}
+    dataset = get_dataset(ml_collections.ConfigDict(config))
+    example = dataset.preprocess(dataset.source("train")[0])
+    frames = int(example[frame_mask_key("audio")].sum())
+    changed = 0
+    for seed in range(10):
+        out = dataset.augment(example, np.random.default_rng(seed))
+        assert not out["audio"][frames:].any() and set(out) == set(example)
+        masked = out["audio"] != example["audio"]
+        changed += masked.any()
+        assert np.all(out["audio"][masked] == 0.0)  # Masked values take the standardised mean.
+        np.testing.assert_array_equal(out["audio"], dataset.augment(example, np.random.default_rng(seed))["audio"])
+    assert changed >= 8
+    assert get_dataset(ml_collections.ConfigDict({"name": "spoken_numbers", "data_dir": data_dir})).augment is None
+    config["spec_augment"] = {"time_mask": 2}
+    with pytest.raises(ValueError, match=r"config data.spec_augment: unknown field\(s\) \['time_mask'\]"):
+        get_dataset(ml_collections.ConfigDict(config))

@@ -14,7 +14,7 @@ from experiments import spoken_numbers as experiment
 from mmjax.data import pipeline
 from mmjax.data import spoken_numbers as sn
 from mmjax.evaluate import transcription
-from mmjax.nn.models.ctc import CtcModel
+from mmjax.nn.models.ctc_head import CtcModel
 from mmjax.train import setup as setup_lib
 
 SIZES = {"train": 16, "validation": 8, "test": 16}

@@ -1,6 +1,6 @@
 """The CTC loss against hand-computed values, a brute-force sum over every alignment and optax; the ctc task's
 normalisation, infeasible examples and metrics; best-path decoding on known frames (mmjax.tasks.ctc,
-mmjax.nn.models.ctc)."""
+mmjax.nn.models.ctc_head)."""
 
 import itertools
 import math
@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from mmjax.nn.models.ctc import ctc_greedy_decode, ctc_targets
+from mmjax.nn.models.ctc_head import ctc_greedy_decode, ctc_targets
 from mmjax.tasks import build_task
 from mmjax.tasks.losses import ctc_loss
 
