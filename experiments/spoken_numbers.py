@@ -14,7 +14,19 @@ in both (`audio_frame_mask`). The `transcription` evaluator reports the word err
 accuracy (the whole transcript right) on `test`, whose 21 speakers are never heard in training; each utterance's
 reference and hypothesis go to WORKDIR/<variant>/samples.jsonl.
 
-Expected results: see the table below (filled in from a measured run; README "Speech-to-text").
+Expected results (seed 0, 1,500 steps of 32, jax 0.10.2 on 2 AMD EPYC cores shared with other jobs: 6 min 51 s
+for both variants with the dataset built; README "Speech-to-text"):
+
+    | model   | split      | wer    | sequence_accuracy | length_accuracy | other                  |
+    | ctc     | test       | 0.2879 | 0.3475            | 0.6300          | blank_fraction 0.7285  |
+    | seq2seq | test       | 0.7101 | 0.0150            | 0.5200          | token_accuracy 0.4014  |
+    | ctc     | validation | 0.3242 | 0.3050            | 0.5750          | blank_fraction 0.7074  |
+    | seq2seq | validation | 0.7390 | 0.0100            | 0.4600          | token_accuracy 0.4030  |
+
+With the same encoder and schedule, CTC transcribes a third of the unseen speakers' utterances exactly (most errors
+are substitutions: 17% of the words, against 7% deletions and 5% insertions), while the attention decoder has not
+learnt to align its words with the audio yet: it writes plausible digit strings of about the right length that
+rarely match (its CTC counterpart's loss sums over the monotonic alignments; cross-attention must find them).
 """
 
 from __future__ import annotations
@@ -50,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
                      mlp_dim=192),
     )
     config.task = dict(name="ctc")
-    config.optimizer.update(lr=1e-3, warmup_steps=200, weight_decay=0.05, b2=0.98)
+    config.optimizer.update(lr=2e-3, warmup_steps=200, weight_decay=0.05, b2=0.98)
     config.train.update(num_steps=1500, log_every_steps=100, eval_every_steps=750)
     config.eval.splits = ("validation", "test")
     config.eval.evaluators = ("split_metrics", "transcription")

@@ -29,8 +29,8 @@ the same version, so build those into their own data dir.
 
 Determinism: eSpeak NG is reloaded and re-seeded per utterance (:mod:`mmjax.data.espeak`), every other draw comes
 from the seeded generators above, and examples are re-serialised with sorted feature maps, so rebuilding, in any
-process, writes byte-identical array_record files. Building the default sizes takes about 30 s on a busy 2-core
-machine (eSpeak NG about half of it).
+process, writes byte-identical array_record files. Building the default sizes takes 28 s of CPU time on 2 cores
+(eSpeak NG about half of it; 43 s wall-clock while other jobs shared the cores).
 
 Batches (:func:`dataset`, ``config.data.name = "spoken_numbers"``): ``audio`` float32 [MAX_FRAMES, n_mels], the
 log-mel spectrogram (AV-Digits' front end: 8 kHz, 256-sample FFT, hop 160, 40 mels; ``data.audio`` overrides)
