@@ -5,7 +5,8 @@ Command (builds the dataset on first use, ~30-45 s):
     python -m experiments.spoken_numbers --workdir /tmp/spoken_numbers
 
 Both variants train the same audio encoder from scratch: an AST (`ast`) over time strips of the log-mel spectrogram
-(4 frames = 80 ms x all 40 mel bins per token, 52 tokens for the longest clip), 3 pre-LN blocks of width 96.
+(4 frames = 80 ms x all 40 mel bins per token, 52 tokens for the longest clip), 3 pre-LN blocks of width 96,
+dropout 0.1, with SpecAugment's masks on the training spectrograms (`data.spec_augment`).
 `ctc`: a linear CTC head on every token, logits over the 15 tokens of the word-level tokenizer and a blank, trained
 with the CTC loss per target word (Graves et al. 2006; `mmjax.tasks.ctc`) and decoded by best path; `seq2seq`: a
 2-layer causal text decoder cross-attending to the encoder tokens (the captioner, `decoder.mode="cross"`), trained
