@@ -37,6 +37,7 @@ setup(
         "submitit>=1.5,<2",  # SLURM jobs with requeue on pre-emption (mmjax.launch); 1.5.4 tested.
         "sacrebleu>=2.4,<3",  # BLEU-4 of generated captions (mmjax.evaluate.captioning); 2.6.0 tested.
         "pycocoevalcap>=1.2,<1.3",  # CIDEr-D of generated captions (the COCO caption evaluation code); 1.2 tested.
+        "jiwer>=4.0,<5",  # Word error rate of transcripts (mmjax.evaluate.transcription); 4.0.0 tested.
     ],
     extras_require={
         # -n auto: one worker per core; lint-imports checks the layers (.importlinter), ruff the style (ruff.toml).

@@ -250,7 +250,7 @@ def model_config(**changes) -> ml_collections.ConfigDict:
         ({"fusion.name": "lat"}, ["config model.fusion.name: unknown fusion 'lat'.", "Did you mean 'late'?"]),
         ({"head.name": "clasifier"}, ["config model.head.name: unknown head 'clasifier'.",
                                       "Did you mean 'classifier'?"]),
-        ({"name": "twotower"}, ["config model.name='twotower'; valid: fusion, two_tower, matching, captioner.",
+        ({"name": "twotower"}, ["config model.name='twotower'; valid: fusion, two_tower, matching, captioner, ctc.",
                                 "Did you mean 'two_tower'?"]),
         ({"encoders.image.widht": 8}, ["config model.encoders.image (small_cnn): unknown field(s) widht;",
                                        "valid fields:", "width"]),

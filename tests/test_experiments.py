@@ -184,6 +184,39 @@ def _check_shapes_vqa(workdir, stdout):
     assert {r["type"] for r in test} == {"colour", "count", "relation"} and all(r["question"] for r in test)
 
 
+TINY_SPOKEN_SIZES = {"train": 32, "validation": 16, "test": 16}
+
+
+def _tiny_spoken_numbers(data_dir):
+    from mmjax.data import spoken_numbers
+
+    spoken_numbers.build(data_dir, sizes=TINY_SPOKEN_SIZES)  # A few seconds; the experiment then finds it built.
+    values = {
+        "data.data_dir": data_dir, "data.batch_size": 16, "data.eval_batch_size": 16,
+        "model.encoders.audio.width": 16, "model.encoders.audio.depth": 1, "model.encoders.audio.num_heads": 2,
+        "model.encoders.audio.mlp_dim": 32, "model.decoder.width": 16, "model.decoder.depth": 1,
+        "model.decoder.num_heads": 2, "model.decoder.mlp_dim": 32, "train.num_steps": 2, "train.log_every_steps": 1,
+        "train.eval_every_steps": 2, "checkpoint.every_steps": 2, "optimizer.warmup_steps": 1,
+    }
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def _check_spoken_numbers(workdir, stdout):
+    summary = json.load(open(os.path.join(workdir, "summary.json")))
+    assert set(summary) == {"ctc", "seq2seq"}
+    for variant, splits in summary.items():
+        test = splits["test"]
+        assert test["wer"] >= 0 and 0 <= test["sequence_accuracy"] <= test["length_accuracy"] <= 1
+        rows = [json.loads(line) for line in open(os.path.join(workdir, variant, "samples.jsonl"))]
+        assert {r["split"] for r in rows} == {"validation", "test"}
+        test_rows = [r for r in rows if r["split"] == "test"]
+        assert [r["index"] for r in test_rows] == list(range(TINY_SPOKEN_SIZES["test"]))
+        assert all(3 <= len(r["reference"].split()) <= 7 and isinstance(r["hypothesis"], str) for r in test_rows)
+        assert test["sequence_accuracy"] == sum(r["correct"] for r in test_rows) / len(test_rows)
+    assert 0 <= summary["ctc"]["test"]["blank_fraction"] <= 1 and "perplexity" in summary["seq2seq"]["test"]
+    assert "| model (test) | wer | sequence_accuracy | length_accuracy |" in stdout
+
+
 def _tiny_classic_baselines(data_dir):
     """VGG-11 of width 2, an LSTM of 4 units, 3 steps; Intents: Word2Vec of 8 dimensions, one epoch, 2 steps."""
     values = {
@@ -280,6 +313,7 @@ TINY = {
     "shapes_lit": (_tiny_shapes, _check_shapes(("lit",))),
     "shapes_caption": (_tiny_shapes_caption, _check_shapes_caption),
     "shapes_vqa": (_tiny_shapes_vqa, _check_shapes_vqa),
+    "spoken_numbers": (_tiny_spoken_numbers, _check_spoken_numbers),
     "shapes_itm": (
         lambda d: _tiny_shapes(d, **{"model.encoders.text.width": 16, "model.encoders.text.depth": 1,
                                      "model.encoders.text.num_heads": 2, "model.encoders.text.mlp_dim": 32,

@@ -36,16 +36,17 @@ def test_importing_the_facades_registers_every_part():
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
     datasets, ops, tasks, evaluators, encoders, fusions, heads = (x.split(",") for x in out.stdout.strip().split("|"))
     assert datasets == ["av_digits", "av_mnist", "coco_captions", "coco_objects", "files", "intents",
-                        "shapes_captions", "shapes_vqa", "synthetic"]
+                        "shapes_captions", "shapes_vqa", "spoken_numbers", "synthetic"]
     assert ops == sorted([
         "decode", "resize", "resize_small", "center_crop", "random_crop", "random_resized_crop", "flip_lr",
         "flip_ud", "randaugment", "normalize", "resample", "crop_or_pad", "random_crop_or_pad", "log_mel",
         "spec_augment", "tokenize", "pad_or_truncate", "one_hot", "multi_hot", "standardize", "cast", "mfcc",
         "deltas", "cmvn",
     ])
-    assert tasks == ["caption", "classification", "clip", "coca", "itm", "multilabel", "regression", "siglip"]
-    assert evaluators == ["captioning", "classical", "modality_diagnostics", "robustness", "split_metrics", "vqa",
-                          "zero_shot"]
+    assert tasks == ["caption", "classification", "clip", "coca", "ctc", "itm", "multilabel", "regression",
+                     "siglip"]
+    assert evaluators == ["captioning", "classical", "modality_diagnostics", "robustness", "split_metrics",
+                          "transcription", "vqa", "zero_shot"]
     assert {"small_cnn", "vit", "resnet18", "text_transformer", "minilm_l6", "spectrogram_cnn", "ast",
             "tabular_mlp", "vgg", "rnn"} <= set(encoders)
     assert len(fusions) == 16 and {"concat", "late", "bottleneck", "serial", "film"} <= set(fusions)

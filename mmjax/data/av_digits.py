@@ -82,6 +82,7 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+import scipy.fft
 import tensorflow_datasets as tfds
 
 from mmjax.data import espeak
@@ -118,15 +119,18 @@ __all__ = [
     "SPEAKERS",
     "SPLITS",
     "VARIANTS",
+    "add_noise",
     "assign_speakers",
     "background_noise",
     "build",
+    "clean_speech",
     "clean_utterance",
     "corrupt_image",
     "dataset",
     "generate_examples",
     "log_mel",
     "noisy_clip",
+    "speaker_voice",
     "split_image_indices",
     "split_speakers",
 ]
@@ -225,7 +229,7 @@ def split_speakers() -> dict[str, tuple[str, ...]]:
     return {split: tuple(order[a:b]) for split, a, b in zip(SPLITS, starts, bounds, strict=False)}
 
 
-def _speaker_voice(speaker: str) -> tuple[int, int, int]:
+def speaker_voice(speaker: str) -> tuple[int, int, int]:
     """Base (rate, pitch, pitch_range) of a speaker, fixed by its position in SPEAKERS."""
     rng = np.random.default_rng((SEED, _STREAM_SPEAKER_VOICE, SPEAKERS.index(speaker)))
     return (
@@ -261,24 +265,32 @@ def corrupt_image(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def clean_utterance(speaker: str, digit: int, rate: int, pitch: int, pitch_range: int) -> np.ndarray:
     """The spoken digit at :data:`SAMPLE_RATE`, silence trimmed, float64 with unit RMS."""
-    waveform, rate_hz = espeak.synthesize(
-        DIGIT_NAMES[digit], voice=speaker, rate=rate, pitch=pitch, pitch_range=pitch_range
-    )
+    return clean_speech(DIGIT_NAMES[digit], speaker, rate, pitch, pitch_range)
+
+
+def clean_speech(text: str, speaker: str, rate: int, pitch: int, pitch_range: int) -> np.ndarray:
+    """`text` spoken by eSpeak NG in `speaker`'s voice, resampled to :data:`SAMPLE_RATE`, leading and trailing
+    silence trimmed (below :data:`TRIM_THRESHOLD` of the peak), float64 with unit RMS."""
+    waveform, rate_hz = espeak.synthesize(text, voice=speaker, rate=rate, pitch=pitch, pitch_range=pitch_range)
     speech = resample(waveform, rate_hz, SAMPLE_RATE).astype(np.float64)
     loud = np.flatnonzero(np.abs(speech) > TRIM_THRESHOLD * np.abs(speech).max(initial=0.0))
     if loud.size == 0:
-        raise RuntimeError(f"eSpeak NG produced silence for {DIGIT_NAMES[digit]!r} by {speaker!r}")
+        raise RuntimeError(f"eSpeak NG produced silence for {text!r} by {speaker!r}")
     speech = speech[loud[0] : loud[-1] + 1]
     return speech / np.sqrt(np.mean(speech**2))
 
 
 def background_noise(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Unit-RMS mix of white and pink (1/f power) noise, random mixing weight."""
+    """Unit-RMS mix of white and pink (1/f power) noise, random mixing weight.
+
+    The pink noise is shaped over the next length whose FFT is fast (`scipy.fft.next_fast_len`; 8,000 samples, a
+    1 s clip, already is) and cut to `n`: clips of any length then cost about the same per sample."""
     white = rng.standard_normal(n)
-    spectrum = np.fft.rfft(rng.standard_normal(n))
+    fast = scipy.fft.next_fast_len(n, real=True)
+    spectrum = np.fft.rfft(rng.standard_normal(fast))
     freqs = np.arange(spectrum.size, dtype=np.float64)
     freqs[0] = 1.0
-    pink = np.fft.irfft(spectrum / np.sqrt(freqs), n=n)
+    pink = np.fft.irfft(spectrum / np.sqrt(freqs), n=fast)[:n]
     pink /= np.sqrt(np.mean(pink**2))
     weight = rng.uniform()
     noise = weight * white + (1.0 - weight) * pink
@@ -290,9 +302,16 @@ def noisy_clip(speech: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
     SNR, random gain. Returns ``(clip, snr_db)``."""
     centred = (CLIP_SAMPLES - speech.size) // 2
     offset = centred + int(rng.integers(-MAX_SHIFT, MAX_SHIFT + 1))
-    placed = fit_length(speech, CLIP_SAMPLES, offset=offset)
-    snr_db = float(rng.uniform(*SNR_DB))
-    mix = placed + background_noise(rng, CLIP_SAMPLES) * 10.0 ** (-snr_db / 20.0)
+    return add_noise(fit_length(speech, CLIP_SAMPLES, offset=offset), rng)
+
+
+def add_noise(placed: np.ndarray, rng: np.random.Generator,
+              snr_range: tuple[float, float] = SNR_DB) -> tuple[np.ndarray, float]:
+    """Speech placed in a clip (unit RMS over its spoken part) -> int16: :func:`background_noise` over the whole
+    clip at an SNR drawn from `snr_range` (dB, against the speech), then a random gain of :data:`GAIN_DB` around
+    :data:`SPEECH_RMS`. Returns ``(clip, snr_db)``."""
+    snr_db = float(rng.uniform(*snr_range))
+    mix = placed + background_noise(rng, placed.size) * 10.0 ** (-snr_db / 20.0)
     level = SPEECH_RMS * 10.0 ** (rng.uniform(*GAIN_DB) / 20.0) * 32767.0
     return np.clip(np.rint(mix * level), -32768, 32767).astype(np.int16), snr_db
 
@@ -309,7 +328,7 @@ def generate_examples(split: str) -> Iterator[tuple[int, dict]]:
         index = int(index)
         rng = np.random.default_rng((SEED, index))
         digit, speaker = int(labels[index]), speaker_of[index]
-        base_rate, base_pitch, pitch_range = _speaker_voice(speaker)
+        base_rate, base_pitch, pitch_range = speaker_voice(speaker)
         rate = base_rate + int(rng.choice(RATE_JITTER))
         pitch = base_pitch + int(rng.choice(PITCH_JITTER))
         key = (speaker, digit, rate, pitch)

@@ -23,6 +23,7 @@ __all__ = [
     "check_label",
     "identity",
     "is_int",
+    "frame_mask_key",
     "mask_key",
     "positive_int",
 ]
@@ -35,6 +36,13 @@ VALID_KEY = "_valid"  # 1 for real examples, 0 for padding added to complete the
 def mask_key(modality: str) -> str:
     """The key of the `[B]` float32 presence mask of `modality` (1.0 present, 0.0 missing)."""
     return f"{modality}_mask"
+
+
+def frame_mask_key(modality: str) -> str:
+    """The key of the `[B, T]` frame mask of a padded sequence `modality` (1.0 = a real frame, 0.0 = padding after
+    the end), for datasets of variable-length examples padded to one length (speech: Spoken-Numbers). Models that
+    read a modality's tokens honour it when the batch has it (`mmjax.nn.common.frames_to_token_mask`)."""
+    return f"{modality}_frame_mask"
 
 
 def is_int(value: Any) -> bool:

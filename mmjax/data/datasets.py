@@ -12,7 +12,16 @@ import dataclasses
 
 import ml_collections
 
-from mmjax.data import av_digits, catalog, files, intents, shapes_captions, shapes_vqa, synthetic  # noqa: F401  (register)
+from mmjax.data import (  # noqa: F401  (register)
+    av_digits,
+    catalog,
+    files,
+    intents,
+    shapes_captions,
+    shapes_vqa,
+    spoken_numbers,
+    synthetic,
+)
 from mmjax.data.core import CheckedLabels, Dataset, check_dataset
 from mmjax.registry import DATASETS
 

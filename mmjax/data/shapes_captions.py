@@ -107,12 +107,18 @@ from typing import Any, NamedTuple
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer, pre_tokenizers
 
 from mmjax.data.core import Dataset, build_on_process_zero
 from mmjax.data.raw_inputs import RawInput
 from mmjax.data.tfds_builder import OfflineBuilder, prepare, split_sizes
-from mmjax.data.tokenization import SPECIAL_TOKENS, TokenizerSource, as_text, encode_texts, tokenizer_from
+from mmjax.data.tokenization import (
+    TokenizerSource,
+    as_text,
+    encode_texts,
+    tokenizer_from,
+    word_level_tokenizer,
+)
 from mmjax.registry import DATASETS
 
 __all__ = [
@@ -800,21 +806,6 @@ def build_tokenizer() -> Tokenizer:
     like the wordpiece tokenizers of :mod:`mmjax.data.tokenization`. Deterministic: no training.
     """
     return word_level_tokenizer(vocabulary())
-
-
-def word_level_tokenizer(words: Sequence[str]) -> Tokenizer:
-    """The word-level tokenizer of :func:`build_tokenizer` over `words` (after the 5 special tokens)."""
-    specials = SPECIAL_TOKENS["wordpiece"]
-    vocab = {token: i for i, token in enumerate([*specials, *words])}
-    result = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[1]))
-    result.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    result.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    cls, sep = specials[2], specials[3]
-    result.post_processor = processors.TemplateProcessing(
-        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
-        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])],
-    )
-    return result
 
 
 def _tokenizer_spec(data_config: Mapping[str, Any] | None) -> str:

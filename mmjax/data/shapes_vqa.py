@@ -31,7 +31,7 @@ from tokenizers import Tokenizer
 from mmjax.data import shapes_captions as sc
 from mmjax.data.core import Dataset, build_on_process_zero
 from mmjax.data.tfds_builder import split_sizes
-from mmjax.data.tokenization import encode_texts
+from mmjax.data.tokenization import encode_texts, word_level_tokenizer
 from mmjax.registry import DATASETS
 
 QUESTION_TYPES = ("colour", "count", "relation")
@@ -72,9 +72,9 @@ def vocabulary() -> tuple[str, ...]:
 
 
 def build_tokenizer() -> Tokenizer:
-    """Word-level tokenizer: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4, then :func:`vocabulary`; [CLS] ... [SEP]
-    (Shapes-Captions' tokenizer over this vocabulary)."""
-    return sc.word_level_tokenizer(vocabulary())
+    """Word-level tokenizer (`tokenization.word_level_tokenizer`, as Shapes-Captions'): [PAD]=0 [UNK]=1 [CLS]=2
+    [SEP]=3 [MASK]=4, then :func:`vocabulary`; [CLS] ... [SEP]."""
+    return word_level_tokenizer(vocabulary())
 
 
 def tokenizer(data_config: Mapping[str, Any] | None = None) -> Tokenizer:

@@ -99,6 +99,26 @@ def train_tokenizer(
     return tokenizer
 
 
+def word_level_tokenizer(words: Sequence[str]) -> Tokenizer:
+    """A fixed word-level tokenizer over a closed vocabulary, built without training: [PAD]=0 [UNK]=1 [CLS]=2
+    [SEP]=3 [MASK]=4, then `words` in the given order; it lowercases (NFKC first), splits on whitespace and
+    punctuation (BERT's pre-tokenizer) and wraps texts as [CLS] ... [SEP], like the trained tokenizers above.
+
+    The tokenizer of the generated datasets whose grammar is known (Shapes-Captions, Shapes-VQA, Spoken-Numbers):
+    deterministic, and every word of the data has its own id."""
+    specials = SPECIAL_TOKENS["wordpiece"]
+    vocab = {token: i for i, token in enumerate([*specials, *words])}
+    result = Tokenizer(models.WordLevel(vocab=vocab, unk_token=specials[1]))
+    result.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    result.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls, sep = specials[2], specials[3]
+    result.post_processor = processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])],
+    )
+    return result
+
+
 def save_tokenizer(tokenizer: Tokenizer, path: str) -> str:
     """Writes `tokenizer` as one `tokenizer.json` file (a directory `path` gets `path/tokenizer.json`)."""
     if os.path.isdir(path):

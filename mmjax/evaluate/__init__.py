@@ -4,8 +4,9 @@
 exact metrics and loss), `zero_shot` (classification by class prompts), `robustness` (noisy and missing
 modalities), `classical` (SVM / random-forest late fusion on encoder features), `modality_diagnostics` (how much a
 fused classifier relies on each modality), `captioning` (generated captions: BLEU-4, CIDEr, exact match, attributes
-checked against the scene), `vqa` (generated answers, accuracy per question type); `features` extracts pooled
-encoder features for any further analysis.
+checked against the scene), `vqa` (generated answers, accuracy per question type), `transcription` (speech-to-text
+by a CTC head or a text decoder: word error rate, sequence accuracy); `features` extracts pooled encoder features
+for any further analysis.
 """
 
 from mmjax.evaluate import (  # noqa: F401  (register their evaluators)
@@ -14,6 +15,7 @@ from mmjax.evaluate import (  # noqa: F401  (register their evaluators)
     diagnostics,
     robustness,
     split_metrics,
+    transcription,
     vqa,
     zero_shot,
 )

@@ -41,7 +41,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from mmjax.data import files, pipeline, shapes_captions
-from mmjax.data.core import VALID_KEY
+from mmjax.data.core import VALID_KEY, frame_mask_key, mask_key
 from mmjax.data.tokenization import tokenizer_from
 from mmjax.evaluate.evaluator import EVALUATORS, EvalContext, Evaluator
 from mmjax.nn import decoding
@@ -134,22 +134,31 @@ def _raw_source(context: EvalContext, split: str):
     return _SOURCES[key]
 
 
+def compiled_fn(context: EvalContext, key: Any, build):
+    """`build()` (a jitted function) made once per run and `key`. The cache holds the run weakly: a finished
+    variant's set-up (and its in-memory data) is not kept alive."""
+    for stale in [k for k, (ref, _) in _COMPILED.items() if ref() is None]:
+        del _COMPILED[stale]
+    full = (id(context), key)
+    if full not in _COMPILED or _COMPILED[full][0]() is not context:
+        _COMPILED[full] = (weakref.ref(context), build())
+    return _COMPILED[full][1]
+
+
 def generate_fn(context: EvalContext, config: decoding.DecodeConfig):
-    """`generate` compiled once per run and decode config (its shardings follow the arrays it is given). The
-    cache holds the run weakly: a finished variant's set-up (and its in-memory data) is not kept alive."""
-    for key in [k for k, (ref, _) in _COMPILED.items() if ref() is None]:
-        del _COMPILED[key]
-    key = (id(context), config)
-    if key not in _COMPILED or _COMPILED[key][0]() is not context:
-        _COMPILED[key] = (weakref.ref(context), decoding.jit_generate(context.model, config))
-    return _COMPILED[key][1]
+    """`generate` compiled once per run and decode config (its shardings follow the arrays it is given)."""
+    return compiled_fn(context, config, lambda: decoding.jit_generate(context.model, config))
 
 
-def generate_split(context: EvalContext, state: Any, split: str, fn, total: int, seed: int = 0) -> np.ndarray:
-    """Generated ids `[total, length]` for every example of `split`, in source order: the evaluation batches
-    (conditioning modalities, their masks, `prompt`) sharded over the mesh, gathered from every process."""
-    model: Captioner = context.model
-    inputs = [*model.condition, *(f"{m}_mask" for m in model.condition), PROMPT_KEY]
+def generate_split(context: EvalContext, state: Any, split: str, fn, total: int, seed: int = 0,
+                   inputs: Sequence[str] | None = None) -> np.ndarray:
+    """Generated ids `[total, length]` for every example of `split`, in source order: `fn(variables, batch, rng)
+    -> {"tokens": ...}` over the evaluation batches (the batch keys `inputs`, by default a `Captioner`'s:
+    conditioning modalities, their masks and frame masks, `prompt`) sharded over the mesh, gathered from every
+    process."""
+    if inputs is None:
+        condition = context.model.condition
+        inputs = [*condition, *(mask_key(m) for m in condition), *(frame_mask_key(m) for m in condition), PROMPT_KEY]
     variables = {"params": state.params, **state.model_state}
     rng = jax.random.PRNGKey(seed)
     global_batch = context.config.data.eval_batch_size

@@ -1,7 +1,7 @@
 """`build_model(config.model)`: the model a config names, with every field checked before anything is traced.
 
-Builds `MultimodalModel` (encoders -> fusion -> head), `TwoTower`, `MatchingModel` or `Captioner` from registered
-encoders, fusions and heads (importing this module registers all of them).
+Builds `MultimodalModel` (encoders -> fusion -> head), `TwoTower`, `MatchingModel`, `Captioner` or `CtcModel` from
+registered encoders, fusions and heads (importing this module registers all of them).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from mmjax.nn.encoders import recurrent as _recurrent  # noqa: F401
 from mmjax.nn.encoders import tabular as _tabular  # noqa: F401
 from mmjax.nn.encoders import text as _text  # noqa: F401
 from mmjax.nn.models.captioner import build_captioner
+from mmjax.nn.models.ctc_head import build_ctc
 from mmjax.nn.models.matching import build_matching
 from mmjax.nn.models.multimodal import MultimodalModel
 from mmjax.nn.models.two_tower import TwoTower
@@ -134,7 +135,7 @@ def build_module(registry: Registry, cfg: ml_collections.ConfigDict, where: str,
     return functools.partial(cls, **kwargs, **extra)
 
 
-MODEL_KINDS = ("fusion", "two_tower", "matching", "captioner")
+MODEL_KINDS = ("fusion", "two_tower", "matching", "captioner", "ctc")
 
 
 def _check_dtype(model_config: ml_collections.ConfigDict) -> str | None:
@@ -150,7 +151,8 @@ def build_model(model_config: ml_collections.ConfigDict, *,
     """Builds the model of `config.model`: `name` "fusion" (default; `MultimodalModel`: encoders per modality,
     fusion, head), "two_tower" (`TwoTower` dual encoder for contrastive training) or "matching" (`MatchingModel`:
     dual encoder + image–text matching cross-encoder, config group `model.matching`) or "captioner"
-    (`Captioner`: a text decoder over the encoders' tokens, config group `model.decoder`).
+    (`Captioner`: a text decoder over the encoders' tokens, config group `model.decoder`) or "ctc" (`CtcModel`:
+    per-frame logits over the vocabulary and a blank on one encoder's tokens, config group `model.ctc`).
 
     `model.dtype` (e.g. "bfloat16") is the compute dtype of every module that does not set its own; parameters
     stay float32 and losses are computed in float32 (mixed precision).
@@ -172,7 +174,7 @@ def build_model(model_config: ml_collections.ConfigDict, *,
         for m in sorted(model_config.encoders)
     }
     aux = model_config.get("aux_heads") or {}
-    if kind in ("two_tower", "matching", "captioner") and (task_heads or aux or unimodal_scores):
+    if kind in ("two_tower", "matching", "captioner", "ctc") and (task_heads or aux or unimodal_scores):
         raise ValueError(f"config model.name={kind!r}: task heads (config tasks), model.aux_heads and gradient "
                          "modulation need a fusion model (model.name='fusion')")
     if kind == "two_tower":
@@ -181,6 +183,8 @@ def build_model(model_config: ml_collections.ConfigDict, *,
         return build_matching(model_config, encoders, dtype)
     if kind == "captioner":
         return build_captioner(model_config, encoders, dtype)
+    if kind == "ctc":
+        return build_ctc(model_config, encoders, dtype)
     if task_heads:
         fusion = build_module(FUSIONS, model_config.fusion, "model.fusion", dtype)
         return _build_multitask(model_config, encoders, fusion, task_heads, dtype, aux, unimodal_scores,

@@ -53,3 +53,14 @@ def config_context(where: str) -> Iterator[None]:
         if type(e) not in (ValueError, TypeError) or str(e).startswith(where):
             raise
         raise type(e)(f"{where}: {e}") from e
+
+
+def frames_to_token_mask(frame_mask: jax.Array, num_tokens: int) -> jax.Array:
+    """`[B, T]` frame mask (1 = a real frame; the real frames come first) -> `[B, num_tokens]` bool token mask of an
+    encoder that maps the T frames to `num_tokens` tokens in time order with a uniform stride (pooling, strided
+    convolutions, time patches): token t covers the frames from floor(t * T / num_tokens) on and is real when that
+    first frame is, i.e. when t * T < length * num_tokens with `length` the number of real frames."""
+    frames = frame_mask.shape[1]
+    lengths = jnp.sum(jnp.asarray(frame_mask) > 0, axis=1).astype(jnp.int32)
+    tokens = jnp.arange(num_tokens, dtype=jnp.int32)
+    return tokens[None, :] * frames < lengths[:, None] * num_tokens

@@ -7,7 +7,8 @@
   `exp(t) <x_i, y_j>`, with the log-scale `t` clamped at log(100);
 - `siglip_loss` (Zhai et al. 2023): `-sum_j log sigmoid(z_ij (exp(t) <x_i, y_j> + b))`, `z_ii = 1`, else -1
   (row sums; their mean is SigLIP's loss), and `siglip_loss_chunked`, the same as the paper's device ring;
-- `itm_loss` (ALBEF, Li et al. 2021): the mean sigmoid cross-entropy over an example's image-text pairs.
+- `itm_loss` (ALBEF, Li et al. 2021): the mean sigmoid cross-entropy over an example's image-text pairs;
+- `ctc_loss` (Graves et al. 2006): `-log p(y | x)`, summed over every frame alignment of the transcript (optax).
 
 Contrastive losses see the GLOBAL batch inside the jitted step (XLA gathers the embeddings), so 1 device and N
 devices or hosts compute the same loss on the same batch.
@@ -128,3 +129,17 @@ def itm_loss(outputs: Mapping[str, jax.Array]) -> jax.Array:
     """Per-example ITM loss `[B]`: mean sigmoid BCE over the example's pairs (see `mmjax.tasks.itm`)."""
     logits, targets = itm_logits_and_targets(outputs)
     return optax.sigmoid_binary_cross_entropy(logits, targets).mean(axis=1)
+
+
+def ctc_loss(logits: jax.Array, logit_mask: jax.Array, targets: jax.Array, target_mask: jax.Array,
+             blank_id: int) -> jax.Array:
+    """Connectionist Temporal Classification (Graves, Fernandez, Gomez, Schmidhuber 2006): per example,
+    -log p(y | x) = -log sum_{pi : B(pi) = y} prod_t softmax(logits_t)[pi_t], the sum over every alignment pi of one
+    symbol (a label or the blank) per real frame that B (merge repeats, then drop blanks) maps to the transcript y.
+    Computed by optax's forward (alpha) recursion over the blank-extended transcript (`optax.ctc_loss`).
+
+    `logits [B, T, K]` (blank = `blank_id`), `logit_mask [B, T]` (real frames first), `targets [B, N]` and
+    `target_mask [B, N]` (real targets first). Returns float32 `[B]`; a transcript that no alignment of the real
+    frames reaches (too few frames) gets a loss near -optax's log_epsilon (1e5)."""
+    return optax.ctc_loss(logits.astype(jnp.float32), 1.0 - jnp.asarray(logit_mask, jnp.float32), targets,
+                          1.0 - jnp.asarray(target_mask, jnp.float32), blank_id=blank_id)

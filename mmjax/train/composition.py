@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from mmjax.data import pipeline
-from mmjax.data.core import Dataset, mask_key
+from mmjax.data.core import Dataset, frame_mask_key, mask_key
 from mmjax.tasks import Task, build_task
 from mmjax.tasks.multitask import (
     MAPPINGS,
@@ -185,9 +185,11 @@ def task_heads(config: ml_collections.ConfigDict, entries: Mapping[str, TaskEntr
 
 
 def input_keys(config: ml_collections.ConfigDict, spec: Mapping, entries: Mapping[str, TaskEntry] | None) -> list[str]:
-    """Batch keys the model and task consume: modalities, their masks, the labels and their masks."""
+    """Batch keys the model and task consume: modalities, their masks (and frame masks: padded speech), the labels
+    and their masks."""
     modalities = sorted(config.model.encoders)
     keys = modalities + [mask_key(m) for m in modalities if mask_key(m) in spec]
+    keys += [frame_mask_key(m) for m in modalities if frame_mask_key(m) in spec]
     labels = label_keys(config, entries)
     return keys + labels + [mask_key(k) for k in labels if mask_key(k) in spec and mask_key(k) not in keys]
 

@@ -4,8 +4,10 @@ of T5 / SimVLM), with the optional CoCa contrastive head.
 
 `Captioner` encodes the modalities of `condition` (any registered encoders; several at once), projects each one's
 tokens to the decoder width, adds a learned per-modality embedding and concatenates them into the *conditioning
-tokens*; their mask combines the encoder's token mask and the per-example modality mask `<modality>_mask [B]` (0 =
-the modality is missing for that example, as in `MultimodalModel`). The decoder (`TransformerBlock`s, pre-LN,
+tokens*; their mask combines the encoder's token mask, the per-example modality mask `<modality>_mask [B]` (0 =
+the modality is missing for that example, as in `MultimodalModel`) and, for variable-length input padded to one
+length (speech), the tokens that cover only padding frames (`<modality>_frame_mask [B, frames]`, mapped to the
+encoder's tokens by `frames_to_token_mask`). The decoder (`TransformerBlock`s, pre-LN,
 tied input/output token embedding, learned positions over `max_len` prompt + text tokens) then reads them:
 
 * `mode="cross"` (CoCa / captioning style): each layer is a causal self-attention block over the text followed by
@@ -29,7 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mmjax.nn.common import Dtype, config_context
+from mmjax.data.core import frame_mask_key
+from mmjax.nn.common import Dtype, config_context, frames_to_token_mask
 from mmjax.nn.models.two_tower import CLIP_LOGIT_SCALE_INIT, FEATURE_RANKS, l2_normalize
 from mmjax.nn.transformer import LAYER_NORM_EPS, TransformerBlock
 
@@ -123,6 +126,8 @@ class Captioner(nn.Module):
             mask = jnp.ones(x.shape[:2], bool) if out.mask is None else jnp.asarray(out.mask, bool)
             if f"{m}_mask" in batch:  # The modality is missing for some examples.
                 mask = mask & (jnp.asarray(batch[f"{m}_mask"]) > 0)[:, None]
+            if frame_mask_key(m) in batch:  # Variable-length input padded to one length (speech).
+                mask = mask & frames_to_token_mask(batch[frame_mask_key(m)], x.shape[1])
             tokens.append(x)
             masks.append(mask)
         return self.ln_context(jnp.concatenate(tokens, axis=1)), jnp.concatenate(masks, axis=1), pooled
