@@ -8,10 +8,10 @@ The text tower is all-MiniLM-L6-v2 (`train.init_from`, its own WordPiece tokeniz
 and is locked (`train.frozen`: no gradient, no optimizer state); the text projection, the temperature and the
 image tower (the small ViT of `experiments/shapes_clip.py`) train with the CLIP loss. It reports the same
 retrieval, zero-shot and binding metrics as shapes_clip on the `test` split (held-out colour–shape pairs).
-Expected test results (seed 0, jax 0.10.2, 2 CPU cores, before the Eigen-dot runtime change; README "Image–text"):
+Expected test results (seed 0, jax 0.10.2, 2 shared CPU cores, 7 min 20 s; README "Image–text"):
 
     | model | i2t_recall@1 | t2i_recall@1 | i2t_recall@5 | zero_shot_top1 | binding_accuracy |
-    | lit   | 0.1860       | 0.0808       | 0.3500       | 0.2860         | 0.5663           |
+    | lit   | 0.0886       | 0.0808       | 0.2597       | 0.2860         | 0.5663           |
 
 (binding near chance: the locked sentence encoder hardly tells attribute swaps apart; see shapes_clip, 0.86.)
 """
