@@ -93,7 +93,9 @@ def test_bad_inputs_stop_a_transcription_run_at_set_up_naming_the_fix(own_files)
     message = _setup_error(_variant([good[0], good[2]], "ctc"))  # ctc.vocab_size forgotten: 15.
     assert (f"the tokenizer of dataset 'files' has {vocabulary} tokens but the CTC head's vocab_size is 15" in message
             and f"--config.model.ctc.vocab_size={vocabulary}" in message)
-    message = _setup_error(_variant(good, "ctc", **{"model.ctc.strip_ids": "(0,)"}))
+    keeps_specials = _variant(good, "ctc")
+    keeps_specials.model.ctc.strip_ids = (0,)  # Only [PAD] stripped: [CLS] and [SEP] would be targets.
+    message = _setup_error(keeps_specials)
     assert "keeps the tokenizer's special id(s) [2, 3] ([CLS], [SEP], [PAD]) as CTC targets" in message
     message = _setup_error(_variant([good[0], good[1]], "seq2seq"))  # decoder.vocab_size forgotten.
     assert f"--config.model.decoder.vocab_size={vocabulary}" in message
