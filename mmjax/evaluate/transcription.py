@@ -154,7 +154,9 @@ class Transcription(Evaluator):
 
     def decode_config(self, context: EvalContext) -> decoding.DecodeConfig:
         bos, eos, pad = special_ids(dataset_tokenizer(context))
-        max_length = self.max_length or int(context.config.data.get("max_len", spoken_numbers.MAX_LEN))
+        text = context.dataset.inputs.get("text")  # Own files: the build's text chain knows its length.
+        length = text.context_length() if text is not None else None
+        max_length = self.max_length or int(length or context.config.data.get("max_len", spoken_numbers.MAX_LEN))
         return decoding.DecodeConfig(max_length=max_length, method=self.method, beam_size=self.beam_size,
                                      length_penalty=self.length_penalty, temperature=self.temperature,
                                      top_k=self.top_k, top_p=self.top_p, use_cache=self.use_cache, bos_id=bos,
