@@ -28,6 +28,20 @@ With the same encoder and schedule, CTC transcribes a third of the unseen speake
 are substitutions: 17% of the words, against 7% deletions and 5% insertions), while the attention decoder has not
 learnt to align its words with the audio yet: it writes plausible digit strings of about the right length that
 rarely match (its CTC counterpart's loss sums over the monotonic alignments; cross-attention must find them).
+
+Your own files (README "Your own data"): a manifest of audio clips and their transcripts (`audio,text` columns,
+`--paired` when it also has a label column) built with `python -m mmjax.data.build` trains both variants with the
+`files` preset. The build prints this command with its folder and its tokenizer's size V (a WordPiece tokenizer
+trained on the transcripts; both heads predict its ids):
+
+    python -m experiments.spoken_numbers --preset files --workdir /tmp/my_transcripts \
+        --config.data.data_dir=/data/my_transcripts --config.model.ctc.vocab_size=V --config.model.decoder.vocab_size=V
+
+Clips are 1 s log-mel spectrograms (the files dataset's audio chain: cropped or padded, no frame mask) and texts
+32 ids; the AST takes 2-frame strips (48 tokens, enough frames for CTC's up to 30 word pieces). The CTC head never
+learns [CLS], [SEP] or [PAD] (`model.ctc.strip_ids`, checked against the build's tokenizer); references are the
+stored transcripts as the tokenizer normalises them (lowercase), and samples.jsonl names each utterance's manifest
+row. SpecAugment is this dataset's only (`data.spec_augment` does not apply to own files).
 """
 
 from __future__ import annotations
@@ -38,6 +52,16 @@ from mmjax import experiment
 from mmjax.config import base_config
 
 METRICS = ("wer", "sequence_accuracy", "length_accuracy")
+
+# Own audio + transcript files (module docstring): data.data_dir and both vocab_size fields come from the build.
+PRESETS = {
+    "files": [
+        "data.name=files",
+        "data.max_len=32",  # Text ids per transcript ([CLS] ... [SEP]), the files dataset's default.
+        "model.decoder.max_len=32",
+        "model.encoders.audio.patch_time=2",  # 48 tokens of a 1 s clip: CTC needs one per target (up to 30).
+    ],
+}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -52,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.spec_augment = dict(freq_masks=2, freq_width=6, time_masks=2, time_width=5)
     config.model = dict(
         name="ctc",
-        num_classes=5,  # The label (digit count, 3..7) is not trained; it must match the dataset.
+        num_classes=5,  # The label (digit count, 3..7) is not trained: neither head has classes.
         dtype="",
         encoders=dict(
             audio=dict(name="ast", patch_time=4, patch_freq=40, width=96, depth=3, num_heads=4, mlp_dim=192,

@@ -18,7 +18,9 @@ a label column is then kept as metadata (the examples' `label`) and gives the ze
 (`mmjax.data.files`). A paired dataset needs at least two modality columns. With a text column it is also what a
 text decoder trains on (`model.name = "captioner"`, task `caption`, `experiments/shapes_caption.py --preset files`
 or `files_audio`): the text (a caption, a transcript), tokenised by the build's tokenizer, is the batch's `text`,
-the decoder's target; the command printed at the end names the tokenizer's size (`model.decoder.vocab_size`).
+the decoder's target; the command printed at the end names the tokenizer's size (`model.decoder.vocab_size`). With
+audio and text it is also speech-to-text data (`experiments/spoken_numbers.py --preset files`: a CTC head and a
+text decoder scored by word error rate), whose command the build prints too.
 Image and audio cells are file paths, absolute or relative to the manifest's folder (`--root` sets another);
 text cells are the text itself, or paths to UTF-8 text files with `--text-files`. Labels are class names
 (`--classes a,b,c` fixes the list and its order; otherwise every label of a good row, sorted, numerically when
@@ -1073,6 +1075,15 @@ def caption_command(report: BuildReport) -> str:
             f"--config.model.decoder.vocab_size={report.text_vocab_size} (README \"Captioning\")")
 
 
+def transcription_command(report: BuildReport) -> str:
+    """The command that trains speech-to-text (a CTC head and a text decoder) on a paired audio + text build."""
+    vocabulary = report.text_vocab_size
+    return (f"transcribe its audio (speech-to-text: CTC and a text decoder, WER) with: python -m "
+            f"experiments.spoken_numbers --preset files --workdir W --config.data.data_dir={report.out} "
+            f"--config.model.ctc.vocab_size={vocabulary} --config.model.decoder.vocab_size={vocabulary} "
+            "(README \"Speech-to-text\")")
+
+
 def main(argv: Sequence[str] | None = None) -> BuildReport:
     args = parser().parse_args(argv)
     try:
@@ -1096,6 +1107,8 @@ def main(argv: Sequence[str] | None = None) -> BuildReport:
               "--config.eval.splits=validation,test (see the README, \"Your own data\")")
         if report.text_vocab_size and len(report.modalities) > 1:
             print(caption_command(report))
+            if "audio" in report.modalities:
+                print(transcription_command(report))
     else:
         print(f"train on it with: --config.data.name=files --config.data.data_dir={report.out}")
     return report

@@ -32,7 +32,8 @@ Generation: in a paired build with a text column, the batch's `text` (int32 [L],
 the build's tokenizer) is also the target of a text decoder (`model.name = "captioner"`, task `caption`) that
 conditions on the other modalities: image + caption, audio + transcript. `raw_source(data_config, split)` gives
 the stored text of each example as its reference caption (with the decoded image, for pictures) to the
-`captioning` evaluator.
+`captioning` evaluator, and as its reference transcript to the `transcription` evaluator (speech-to-text by a CTC
+head or a text decoder, `experiments/spoken_numbers.py --preset files`).
 """
 
 from __future__ import annotations

@@ -4,9 +4,13 @@ Models: a CTC head (`model.name: ctc`, `mmjax.nn.models.ctc_head`: best-path dec
 frame with repeats merged and blanks dropped) or a text decoder reading the audio (`model.name: captioner`:
 generation as the `captioning` evaluator runs it, greedy, beam or sampling, with the key/value cache). Both go
 through the captioning evaluator's plumbing (`captioning.generate_split`: the evaluation batches sharded over the
-mesh, gathered from every process, put back in source order). Dataset: Spoken-Numbers (its transcripts and
-tokenizer). The decode options are this evaluator's fields (`config.eval.transcription`), checked with the model
-and the tokenizer when the run is set up, before anything compiles.
+mesh, gathered from every process, put back in source order). Datasets: Spoken-Numbers (its transcripts and
+word-level tokenizer), or your own audio + transcript files (`files`, built with `python -m mmjax.data.build`: the
+build's tokenizer, whose decoder rejoins word pieces; each stored transcript is the reference, normalised as that
+tokenizer normalises it, e.g. lowercase, as the captioning evaluator does for own captions). The decode options
+are this evaluator's fields (`config.eval.transcription`), checked with the model and the tokenizer (its size, and
+that a CTC head strips its [CLS] / [SEP] / [PAD] from the targets) when the run is set up, before anything
+compiles.
 
 Metrics per split (words are whitespace-separated tokens of the lowercase transcripts):
 
@@ -16,8 +20,9 @@ Metrics per split (words are whitespace-separated tokens of the lowercase transc
 * `sequence_accuracy`: the hypothesis equals the reference exactly (every digit, in order, none extra);
 * `length_accuracy`: the hypothesis has as many words as the reference (the digit count is right).
 
-With a workdir, the primary process writes each utterance's `reference`, `hypothesis`, `correct` and `speaker` to
-`WORKDIR/samples.jsonl` (the lines of the split evaluated last replace that split's earlier ones).
+With a workdir, the primary process writes each utterance's `reference`, `hypothesis`, `correct` and `speaker`
+(Spoken-Numbers) or manifest `row` (own files) to `WORKDIR/samples.jsonl` (the lines of the split evaluated last
+replace that split's earlier ones).
 """
 
 from __future__ import annotations
@@ -30,14 +35,16 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from mmjax.data import spoken_numbers
+from mmjax.data import files, spoken_numbers
 from mmjax.data.core import frame_mask_key, mask_key
+from mmjax.data.tokenization import tokenizer_from
 from mmjax.evaluate.captioning import (
     SAMPLES_FILENAME,
     compiled_fn,
     decode_text,
     generate_fn,
     generate_split,
+    reference_text,
     special_ids,
     write_samples,
 )
@@ -46,7 +53,7 @@ from mmjax.nn import decoding
 from mmjax.nn.models.captioner import Captioner
 from mmjax.nn.models.ctc_head import CtcModel, jit_greedy
 
-_SOURCES: dict[tuple[str, str], Any] = {}  # (data dir, split) -> the stored transcripts.
+_SOURCES: dict[tuple[str, str, str], Any] = {}  # (dataset, data dir, split) -> the stored transcripts.
 
 
 def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
@@ -62,8 +69,36 @@ def sequence_accuracy(references: Sequence[str], hypotheses: Sequence[str]) -> f
 
 
 def ctc_text(tokenizer, ids: np.ndarray, specials: set[int]) -> str:
-    """The words of best-path CTC label ids (-1 = after the end); special tokens are not words."""
-    return " ".join(tokenizer.id_to_token(int(i)) for i in ids if i >= 0 and int(i) not in specials)
+    """The words of best-path CTC label ids (-1 = after the end); special tokens are not words. Joined by the
+    tokenizer's decoder (word pieces rejoined, e.g. WordPiece's `##`), or by spaces (word-level)."""
+    tokens = [tokenizer.id_to_token(int(i)) for i in ids if i >= 0 and int(i) not in specials]
+    return tokenizer.decoder.decode(tokens) if tokenizer.decoder is not None else " ".join(tokens)
+
+
+DATASETS = ("spoken_numbers", "files")
+
+
+def dataset_tokenizer(context: EvalContext):
+    """The tokenizer that encoded the dataset's transcripts: Spoken-Numbers' word-level one, or an own-files
+    build's (`Dataset.inputs["text"]`)."""
+    if context.dataset.name == "spoken_numbers":
+        return spoken_numbers.tokenizer()
+    return tokenizer_from(context.dataset.inputs["text"].tokenizer_source())
+
+
+def _references(context: EvalContext, split: str) -> tuple[list[str], list[dict]]:
+    """Each utterance's reference transcript, in source order, and what its samples.jsonl line names it by
+    (`speaker` on Spoken-Numbers, the manifest `row` on own files)."""
+    key = (context.dataset.name, context.config.data.get("data_dir") or "", split)
+    if key not in _SOURCES:
+        raw = spoken_numbers.raw_source if context.dataset.name == "spoken_numbers" else files.raw_source
+        _SOURCES[key] = raw(context.config.data, split)
+    source = _SOURCES[key]
+    examples = [source[i] for i in range(len(source))]
+    if context.dataset.name == "spoken_numbers":
+        return [e["transcript"] for e in examples], [{"speaker": e["speaker"]} for e in examples]
+    tokenizer = dataset_tokenizer(context)
+    return [reference_text(tokenizer, e["captions"][0]) for e in examples], [{"row": e["row"]} for e in examples]
 
 
 @EVALUATORS.register("transcription")
@@ -89,19 +124,27 @@ class Transcription(Evaluator):
         if not isinstance(model, (CtcModel, Captioner)):
             return (f"model {type(model).__name__} neither has a CTC head (model.name='ctc') nor a text decoder "
                     "(model.name='captioner')")
-        if context.dataset.name != "spoken_numbers":
-            return f"dataset {context.dataset.name!r} has no reference transcripts and tokenizer it knows"
+        name = context.dataset.name
+        if name not in DATASETS or "text" not in context.dataset.modalities:
+            return (f"dataset {name!r} has no reference transcripts it knows (Spoken-Numbers, or own audio files "
+                    "built with a text column: python -m mmjax.data.build, README \"Your own data\")")
         options = dict((context.config.get("eval") or {}).get("transcription") or {})
         evaluator = cls(**{k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(cls)}})
-        vocabulary = spoken_numbers.tokenizer().get_vocab_size()
+        tokenizer = dataset_tokenizer(context)
+        vocabulary = tokenizer.get_vocab_size()
         if isinstance(model, CtcModel):
             if evaluator.method != "greedy":
                 raise ValueError(f"config eval.transcription.method={evaluator.method!r}: a CTC head decodes by best "
                                  "path only; use 'greedy'")
             if vocabulary != model.vocab_size:
-                raise ValueError(f"config eval.transcription: the tokenizer has {vocabulary} tokens but the CTC head's "
-                                 f"vocab_size is {model.vocab_size} (config model.ctc.vocab_size): ids would not mean "
-                                 "the same words")
+                raise ValueError(f"config eval.transcription: the tokenizer of dataset {name!r} has {vocabulary} "
+                                 f"tokens but the CTC head's vocab_size is {model.vocab_size} (config "
+                                 "model.ctc.vocab_size): ids would not mean the same words; set "
+                                 f"--config.model.ctc.vocab_size={vocabulary}")
+            specials = sorted(set(special_ids(tokenizer)) - set(model.strip_ids))
+            if specials:
+                raise ValueError(f"config model.ctc.strip_ids={tuple(model.strip_ids)} keeps the tokenizer's special "
+                                 f"id(s) {specials} ([CLS], [SEP], [PAD]) as CTC targets; include them")
             return None
         try:
             decoding.check_decode(model, evaluator.decode_config(context), tokenizer_vocab_size=vocabulary)
@@ -110,8 +153,10 @@ class Transcription(Evaluator):
         return None
 
     def decode_config(self, context: EvalContext) -> decoding.DecodeConfig:
-        bos, eos, pad = special_ids(spoken_numbers.tokenizer())
-        max_length = self.max_length or int(context.config.data.get("max_len", spoken_numbers.MAX_LEN))
+        bos, eos, pad = special_ids(dataset_tokenizer(context))
+        text = context.dataset.inputs.get("text")  # Own files: the build's text chain knows its length.
+        length = text.context_length() if text is not None else None
+        max_length = self.max_length or int(length or context.config.data.get("max_len", spoken_numbers.MAX_LEN))
         return decoding.DecodeConfig(max_length=max_length, method=self.method, beam_size=self.beam_size,
                                      length_penalty=self.length_penalty, temperature=self.temperature,
                                      top_k=self.top_k, top_p=self.top_p, use_cache=self.use_cache, bos_id=bos,
@@ -119,7 +164,7 @@ class Transcription(Evaluator):
 
     def transcribe(self, context: EvalContext, state: Any, split: str, total: int) -> list[str]:
         """The model's transcript of every example of `split`, in source order."""
-        tokenizer = spoken_numbers.tokenizer()
+        tokenizer = dataset_tokenizer(context)
         config = self.decode_config(context)
         model = context.model
         if isinstance(model, CtcModel):
@@ -134,13 +179,8 @@ class Transcription(Evaluator):
     def __call__(self, context: EvalContext, state: Any, split: str, outputs: Mapping[str, np.ndarray] | None,
                  batches: Iterable[Mapping[str, np.ndarray]] | None = None) -> dict:
         del outputs, batches  # It reads the split itself, in source order, to align transcripts with references.
-        key = (context.config.data.get("data_dir") or "", split)
-        if key not in _SOURCES:
-            _SOURCES[key] = spoken_numbers.raw_source(context.config.data, split)
-        source = _SOURCES[key]
-        hypotheses = self.transcribe(context, state, split, len(source))
-        examples = [source[i] for i in range(len(source))]
-        references = [e["transcript"] for e in examples]
+        references, names = _references(context, split)
+        hypotheses = self.transcribe(context, state, split, len(references))
         metrics = {"wer": word_error_rate(references, hypotheses),
                    "sequence_accuracy": sequence_accuracy(references, hypotheses),
                    "length_accuracy": float(np.mean([len(r.split()) == len(h.split())
@@ -148,6 +188,6 @@ class Transcription(Evaluator):
         workdir = getattr(context, "workdir", None)
         if workdir and jax.process_index() == 0:
             rows = [{"split": split, "index": i, "reference": r, "hypothesis": h, "correct": r.split() == h.split(),
-                     "speaker": e["speaker"]} for i, (r, h, e) in enumerate(zip(references, hypotheses, examples))]
+                     **n} for i, (r, h, n) in enumerate(zip(references, hypotheses, names))]
             write_samples(os.path.join(workdir, SAMPLES_FILENAME), split, rows)
         return metrics

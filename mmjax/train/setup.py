@@ -112,7 +112,8 @@ def check_dataset(config: ml_collections.ConfigDict, dataset: Dataset, multitask
                     "column, or with python -m mmjax.data.build --paired (labels kept as metadata and for zero-shot)")
         problems.append(f"config task.name={name!r} but dataset {dataset.name!r} provides {dataset.task!r} "
                         f"labels{hint}")
-    class_head = config.model.get("name") != "captioner"  # A decoder's outputs are the tokenizer's, not classes.
+    # A text decoder's or a CTC head's outputs are the tokenizer's ids, not classes.
+    class_head = config.model.get("name") not in ("captioner", "ctc")
     if not multitask and class_head and config.model.get("num_classes") != dataset.num_classes:
         problems.append(
             f"config model.num_classes={config.model.get('num_classes')!r} but dataset {dataset.name!r} has "

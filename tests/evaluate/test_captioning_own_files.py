@@ -71,11 +71,11 @@ def own_files(tmp_path_factory):
     return {i: row["text"] for i, row in enumerate(rows, start=1)}, builds
 
 
-def _printed_command(printed: str) -> tuple[str, list[str]]:
-    """(preset, config overrides) of the captioning command a build printed."""
-    line = next(line for line in printed.splitlines() if "python -m experiments.shapes_caption" in line)
+def _printed_command(printed: str, module: str = "experiments.shapes_caption") -> tuple[str, list[str]]:
+    """(preset, config overrides) of the command for experiment `module` that a build printed."""
+    line = next(line for line in printed.splitlines() if f"python -m {module} " in line)
     words = shlex.split(line.split(" with: ", 1)[1].split(" (README")[0])
-    assert words[:3] == ["python", "-m", "experiments.shapes_caption"], words
+    assert words[:3] == ["python", "-m", module], words
     return words[words.index("--preset") + 1], [w[len("--config."):] for w in words if w.startswith("--config.")]
 
 

@@ -67,7 +67,8 @@ def data_dir(tmp_path_factory):
     ("ctc", {"model.encoders.audio.patch_time": 64},
      "CTC: texts of 9 ids hold up to 7 target tokens, but the audio encoder gives 3 frames per example"),
     ("ctc", {"model.ctc.vocab_size": 16},
-     "config eval.transcription: the tokenizer has 15 tokens but the CTC head's vocab_size is 16"),
+     "config eval.transcription: the tokenizer of dataset 'spoken_numbers' has 15 tokens but the CTC head's "
+     r"vocab_size is 16 \(config model.ctc.vocab_size\).*--config.model.ctc.vocab_size=15"),
     ("seq2seq", {"model.decoder.vocab_size": 16},
      "config eval.transcription: the tokenizer has 15 tokens but the decoder's vocab_size is 16"),
     ("ctc", {"eval.transcription.method": "beam"}, "a CTC head decodes by best path only"),
